@@ -1,0 +1,99 @@
+"""The ``dmlp`` command (also ``python -m dmlp_plugin``). Parses argv, validates, calls the pipeline.
+
+Bad input ends with a one-line ``error: ...`` on stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dmlp_plugin import __version__
+from dmlp_plugin.errors import UserError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints usage too)
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dmlp", description="Purify noisy labels with DMLP and benchmark noisy-label methods.")
+    p.add_argument("--version", action="version", version=f"dmlp_plugin {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    pur = sub.add_parser("purify", help="purify the labels of a data set (writes labels.npz, metrics.json, report.md)",
+                         description="Run data + noise -> features -> purifier on a YAML config and write "
+                                     "DIR/labels.npz, DIR/metrics.json, DIR/report.md and plots.")
+    pur.add_argument("config", help="YAML config, e.g. configs/purify-digits.yaml")
+    pur.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files in it are replaced)")
+    pur.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set noise.rate=0.8 (repeatable; values parsed as YAML)")
+    pur.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    reg = sub.add_parser("registry", help="list registered datasets, noise models, preprocessors and methods")
+    reg_sub = reg.add_subparsers(dest="registry_command", metavar="ACTION", parser_class=_Parser)
+    lst = reg_sub.add_parser("list", help="show every registered component with its source")
+    lst.add_argument("kind", nargs="?", help="only this kind (datasets, noise, preprocessors, methods)")
+    return p
+
+
+def _cmd_purify(args) -> int:
+    from dmlp_plugin.config import load_config  # noqa: PLC0415
+    from dmlp_plugin.pipeline import purify_run  # noqa: PLC0415
+
+    cfg, raw = load_config(args.config, args.overrides)
+    metrics = purify_run(cfg, args.out, raw=raw, progress=not args.no_progress)
+    if "label_accuracy_after" in metrics:
+        parts = [f"noisy {metrics['label_accuracy_before']:.4f}",
+                 f"{metrics['preprocessor']} {metrics['label_accuracy_after']:.4f}"]
+        parts += [f"{k} {metrics[k]['label_accuracy_after']:.4f}" for k in ("knn_vote", "trusted_only") if k in metrics]
+        print("label accuracy: " + ", ".join(parts))
+    print(f"wrote {os.path.join(args.out, 'labels.npz')}, metrics.json, report.md")
+    return 0
+
+
+def _cmd_registry(args) -> int:
+    from dmlp_plugin.registry import KINDS, load_registry  # noqa: PLC0415
+
+    if args.registry_command != "list":
+        raise UserError("registry needs an action: `dmlp registry list`")
+    reg = load_registry()
+    kinds = KINDS if not args.kind else (args.kind,)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise UserError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+        print(f"{kind}:")
+        entries = reg.entries(kind)
+        if not entries:
+            print("  (none)")
+        for e in entries:
+            src = "" if e.source == "registry.yaml" else f"  [{e.source}]"
+            print(f"  {e.name:<14} {e.summary}{src}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never wait on the model hub
+    try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if args.command == "purify":
+            return _cmd_purify(args)
+        if args.command == "registry":
+            return _cmd_registry(args)
+        parser.print_help()
+        return EXIT_USAGE
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

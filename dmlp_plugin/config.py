@@ -1,0 +1,268 @@
+"""YAML -> frozen dataclasses, with dotted ``--set`` overrides. Validates keys and types; builds no objects.
+
+Every error is a :class:`UserError` naming the dotted key, the bad value and what would be right, raised
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from dmlp_plugin.errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which data set (a registry name under ``datasets``) and its loader's arguments."""
+
+    name: str = "digits"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Synthetic or human label noise applied to the training split (registry kind ``noise``).
+
+    include_true_class: symmetric noise draws the new label from all C classes (DivideMix's convention,
+    flip rate ~ rate*(1-1/C)) when true, from the other C-1 classes (flip rate ~ rate) when false.
+    """
+
+    kind: str = "symmetric"
+    rate: float = 0.5
+    include_true_class: bool = True
+    pairs: dict | None = None
+    file: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class TrustedConfig:
+    """The trusted meta subset. source: ``clean_sample`` (draw ``size`` samples and use their true labels,
+    for benchmarks), ``index_file`` (``file``: .npy of indices, or .csv/.txt of ``index[,label]`` rows;
+    labels default to the true labels), ``knn_auto`` (no true labels: pick samples whose faiss
+    neighbours agree with their given label, class-balanced), or ``none``.
+    size: a fraction of the training set (< 1) or a count (>= 1)."""
+
+    source: str = "clean_sample"
+    size: float = 0.03
+    file: str | None = None
+    balanced: bool = True
+    k: int = 10
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Where the features come from: ``ssl`` (SimCLR on a timm backbone, cached), ``npy`` (your own
+    (N, d) file at ``path``; ``path2`` optionally a second view) or ``raw`` (flattened, standardised
+    pixels: a quick baseline). ``second_view``: how view 2 is made when no second file is given:
+    ``random_relu`` (random ReLU features of view 1, a kernel view), ``hflip`` (SSL features of flipped
+    images), ``same`` (the authors' script: view 1 again)."""
+
+    source: str = "ssl"
+    path: str | None = None
+    path2: str | None = None
+    second_view: str = "random_relu"
+    second_view_dim: int = 2048
+    cache_dir: str = ".dmlp_cache"
+    ssl: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreprocessorConfig:
+    """A registry name under ``preprocessors`` and its parameters."""
+
+    name: str = "dmlp"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    """faiss checks: ``k`` neighbours for the agreement score; ``vote_ks`` the k values tried for the
+    knn_vote comparison (the best is reported); ``compare`` other preprocessors run for the report."""
+
+    k: int = 10
+    vote_ks: list = field(default_factory=lambda: [5, 10, 20, 50])
+    compare: list = field(default_factory=lambda: ["knn_vote", "trusted_only"])
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    """A ``dmlp purify`` run."""
+
+    seed: int = 0
+    device: str = "auto"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    trusted: TrustedConfig = field(default_factory=TrustedConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    preprocessor: PreprocessorConfig = field(default_factory=PreprocessorConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generic dataclass building
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    if origin is tuple or tp is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
+            raise UserError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        if args and args[-1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))) if args else tuple(value)
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def from_mapping(cls, data: Any, where: str = "config"):
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise UserError naming the key."""
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        raise UserError(f"{where}: unknown key {k!r}{_suggest(k, names)}; known keys: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML files and overrides
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} not found; pass the path of a YAML config, e.g. configs/purify-digits.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file {str(path)!r} is not valid YAML{at}: {problem}; fix the syntax there") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text; pass a YAML file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(path)!r} must hold a mapping of settings at the top, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str], schema) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict, checking each key
+    against the dataclass ``schema`` (free-form ``params``/``ssl`` mappings accept any sub-key; those are
+    checked when their component is built)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set noise.rate=0.8")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        cls = schema
+        for i, p in enumerate(parts):
+            if cls is None:
+                break  # inside a free-form mapping
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            if p not in names:
+                prefix = ".".join(parts[:i])
+                raise UserError(f"--set {key}: unknown key {p!r}{' under ' + repr(prefix) if prefix else ''}"
+                                f"{_suggest(p, names)}; known keys: {', '.join(names)}")
+            tp = typing.get_type_hints(cls)[p]
+            cls = tp if dataclasses.is_dataclass(tp) else None
+            if cls is None and i < len(parts) - 1 and not (tp is dict or typing.get_origin(tp) is dict
+                                                             or dict in typing.get_args(tp)):
+                raise UserError(f"--set {key}: {'.'.join(parts[:i + 1])!r} is a {_type_name(tp)}, it has no sub-keys")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, schema=PurifyConfig):
+    """Read a YAML config, apply overrides, validate it into ``schema``; returns (config, raw dict)."""
+    data = apply_overrides(read_yaml(path), overrides or [], schema)
+    return from_mapping(schema, data), data

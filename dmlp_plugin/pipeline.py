@@ -1,0 +1,423 @@
+"""Stage functions: data + noise -> features -> purifier -> labels artifact (+ metrics and report).
+
+Each function reads plain inputs, calls components by registry name and returns plain results; only
+:func:`purify_run` writes files (into a staging folder moved into place at the end, so a failed run leaves
+nothing half-written in the output folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dmlp_plugin import __version__
+from dmlp_plugin.config import PurifyConfig, from_mapping, to_dict
+from dmlp_plugin.errors import UserError
+from dmlp_plugin.records import DataSplits, PurifyInputs, PurifyResult
+from dmlp_plugin.registry import load_registry
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building components
+
+
+def build_component(kind: str, name: str, params: dict):
+    """Instantiate a registered component; its parameters are validated here (before any work)."""
+    obj = load_registry().get(kind, name)
+    where = f"{'preprocessor' if kind == 'preprocessors' else kind}.params"
+    if dataclasses.is_dataclass(obj):
+        return from_mapping(obj, params, where)
+    try:
+        return obj(**params)
+    except TypeError as e:
+        raise UserError(f"{where} for {name!r} rejected: {e}") from None
+
+
+def resolve_device(device: str) -> str:
+    import torch  # noqa: PLC0415
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but no CUDA device is available; use device: auto or cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"device {device!r} is not known; use auto, cpu or cuda[:N]")
+    return device
+
+
+def validate(cfg: PurifyConfig) -> dict:
+    """Check every name and parameter of a purify config; returns the built components. Raises UserError."""
+    reg = load_registry()
+    reg.entry("datasets", cfg.dataset.name)
+    reg.entry("noise", cfg.noise.kind)
+    if not 0.0 <= cfg.noise.rate < 1.0:
+        raise UserError(f"noise.rate={cfg.noise.rate} is outside [0, 1); give a fraction such as 0.5")
+    if cfg.trusted.source not in ("clean_sample", "index_file", "knn_auto", "none"):
+        raise UserError(f"trusted.source={cfg.trusted.source!r} is not known; use clean_sample, index_file, knn_auto or none")
+    if cfg.trusted.source == "index_file" and not cfg.trusted.file:
+        raise UserError("trusted.source=index_file needs trusted.file (a .npy of indices or a .csv of index,label rows)")
+    if cfg.trusted.size < 0:
+        raise UserError(f"trusted.size={cfg.trusted.size} is negative; give a fraction (< 1) or a count (>= 1)")
+    if cfg.features.source not in ("ssl", "npy", "raw"):
+        raise UserError(f"features.source={cfg.features.source!r} is not known; use ssl, npy or raw")
+    if cfg.features.source == "npy" and not cfg.features.path:
+        raise UserError("features.source=npy needs features.path (an (N, d) float .npy file)")
+    if cfg.features.second_view not in ("random_relu", "hflip", "same"):
+        raise UserError(f"features.second_view={cfg.features.second_view!r} is not known; use random_relu, hflip or same")
+    if cfg.features.second_view == "hflip" and cfg.features.source != "ssl":
+        raise UserError("features.second_view=hflip needs features.source=ssl; use random_relu or same")
+    if cfg.checks.k < 1 or any((not isinstance(k, int)) or k < 1 for k in cfg.checks.vote_ks):
+        raise UserError(f"checks.k and checks.vote_ks must be positive integers, got {cfg.checks.k} and {cfg.checks.vote_ks}")
+    built = {"preprocessor": build_component("preprocessors", cfg.preprocessor.name, cfg.preprocessor.params)}
+    for name in cfg.checks.compare:
+        reg.entry("preprocessors", name)
+    if cfg.features.source == "ssl":
+        built["ssl"] = ssl_config(cfg)
+    resolve_device(cfg.device)
+    return built
+
+
+def ssl_config(cfg: PurifyConfig):
+    from dmlp_plugin.features.ssl import SimCLRConfig  # noqa: PLC0415 - torch/timm import on use
+
+    params = {"seed": cfg.seed, **cfg.features.ssl}
+    return from_mapping(SimCLRConfig, params, "features.ssl")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stages
+
+
+def load_data(cfg: PurifyConfig) -> DataSplits:
+    loader = load_registry().get("datasets", cfg.dataset.name)
+    try:
+        return loader(**cfg.dataset.params)
+    except TypeError as e:
+        raise UserError(f"dataset.params for {cfg.dataset.name!r} rejected: {e}") from None
+
+
+def make_noisy(cfg: PurifyConfig, data: DataSplits):
+    """Returns (NoisyLabels, truth or None). With noise kind ``none`` the given labels are taken as they
+    are and the truth is unknown."""
+    truth = data.train.labels
+    if truth is None:
+        raise UserError(f"dataset {cfg.dataset.name!r} has no labels for its training split; give labels")
+    fn = load_registry().get("noise", cfg.noise.kind)
+    noisy = fn(truth, data.train.num_classes, kind=cfg.noise.kind, rate=cfg.noise.rate, seed=cfg.seed,
+               include_true_class=cfg.noise.include_true_class, pairs=cfg.noise.pairs, file=cfg.noise.file,
+               key=cfg.noise.key)
+    return noisy, (None if cfg.noise.kind == "none" else truth)
+
+
+def _count(size: float, n: int) -> int:
+    return int(round(size * n)) if size < 1 else int(size)
+
+
+def select_trusted(cfg: PurifyConfig, noisy: np.ndarray, truth: np.ndarray | None, num_classes: int,
+                   view1: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The trusted meta subset: (indices (M,), labels (M,))."""
+    n = noisy.shape[0]
+    t = cfg.trusted
+    rng = np.random.default_rng([cfg.seed, 1])
+    if t.source == "none":
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if t.source == "index_file":
+        return _read_index_file(Path(t.file), n, num_classes, truth)
+    m = _count(t.size, n)
+    if m > n:
+        raise UserError(f"trusted.size={t.size} asks for {m} samples but the training set has {n}; give a smaller size")
+    if m < 1:
+        raise UserError(f"trusted.size={t.size} selects no sample of {n}; give a fraction such as 0.02 or a count")
+    if t.source == "knn_auto":
+        from dmlp_plugin.checks.knn import select_meta  # noqa: PLC0415
+
+        idx = select_meta(view1, noisy, num_classes, m, k=t.k)
+        return idx, noisy[idx].astype(np.int64)
+    if truth is None:
+        raise UserError("trusted.source=clean_sample needs the true labels, which noise.kind=none does not have; "
+                        "use trusted.source=index_file or knn_auto")
+    if t.balanced:
+        per = m // num_classes
+        if per < 1:
+            raise UserError(f"trusted.size={t.size} gives {m} samples, fewer than the {num_classes} classes a balanced "
+                            f"trusted set needs; give at least {num_classes} or set trusted.balanced=false")
+        chosen = []
+        for c in range(num_classes):
+            members = np.flatnonzero(truth == c)
+            if members.size < per:
+                raise UserError(f"trusted set: class {c} has {members.size} samples, fewer than the {per} asked per class; "
+                                f"lower trusted.size or set trusted.balanced=false")
+            chosen.append(rng.choice(members, per, replace=False))
+        idx = np.sort(np.concatenate(chosen))
+    else:
+        idx = np.sort(rng.choice(n, m, replace=False))
+    return idx.astype(np.int64), truth[idx].astype(np.int64)
+
+
+def _read_index_file(path: Path, n: int, num_classes: int, truth: np.ndarray | None):
+    if not path.is_file():
+        raise UserError(f"trusted.file {str(path)!r} not found; give a .npy of indices or a .csv of index,label rows")
+    labels = None
+    try:
+        if path.suffix == ".npy":
+            idx = np.load(path, allow_pickle=False)
+        else:
+            rows = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+            idx = rows[:, 0]
+            labels = rows[:, 1] if rows.shape[1] > 1 else None
+    except ValueError as e:
+        raise UserError(f"trusted.file {str(path)!r} could not be read ({e}); use integer index[,label] rows") from None
+    idx = np.asarray(idx).ravel()
+    if idx.dtype.kind == "f" and np.any(idx != np.round(idx)):
+        raise UserError(f"trusted.file {str(path)!r} holds non-integer indices; give sample indices 0..{n - 1}")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise UserError(f"trusted.file {str(path)!r} has index {int(idx.max() if idx.max() >= n else idx.min())} "
+                        f"outside 0..{n - 1}")
+    if np.unique(idx).size != idx.size:
+        raise UserError(f"trusted.file {str(path)!r} lists an index twice; list each trusted sample once")
+    if labels is None:
+        if truth is None:
+            raise UserError(f"trusted.file {str(path)!r} has no labels column and the true labels are unknown; "
+                            f"write index,label rows")
+        labels = truth[idx]
+    labels = np.asarray(labels)
+    if labels.size and (np.any(labels != np.round(labels)) or labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"trusted.file {str(path)!r} has a label outside 0..{num_classes - 1}")
+    order = np.argsort(idx)
+    return idx[order], labels.astype(np.int64)[order]
+
+
+@dataclass(frozen=True)
+class Views:
+    arrays: list
+    provenance: dict
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def random_relu_view(x: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """A second, nonlinear view: L2-normalised ReLU(x R) with R ~ N(0, 1) of shape (d, dim) (random
+    features of the arc-cosine kernel), so the two linear correctors see different hypothesis classes."""
+    rng = np.random.default_rng([seed, 2])
+    r = rng.standard_normal((x.shape[1], dim)).astype(np.float32)
+    out = np.empty((x.shape[0], dim), dtype=np.float32)
+    for i in range(0, x.shape[0], 8192):
+        out[i:i + 8192] = np.maximum(x[i:i + 8192] @ r, 0)
+    return _l2(out)
+
+
+def _load_feature_file(path: str, n: int, what: str) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {path!r} not found; give an (N, d) .npy file of features")
+    try:
+        x = np.load(p, allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"{what} {path!r} could not be read without pickle ({e}); save a plain float array with np.save") from None
+    if x.dtype.kind not in "fiu":
+        raise UserError(f"{what} {path!r} has dtype {x.dtype}; give float features")
+    if x.ndim != 2:
+        raise UserError(f"{what} {path!r} has shape {x.shape}; give a 2-d (N, d) array")
+    if x.shape[0] != n:
+        raise UserError(f"{what} {path!r} has {x.shape[0]} rows but the data set has {n} training samples; "
+                        f"give one feature row per sample, in the data set's order")
+    if not np.all(np.isfinite(x)):
+        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise UserError(f"{what} {path!r} has NaN or Inf values (first in row {bad}); clean the features")
+    return _l2(x)
+
+
+def make_views(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, progress: bool) -> Views:
+    f = cfg.features
+    n = len(data.train)
+    if f.source == "npy":
+        v1 = _load_feature_file(f.path, n, "features.path")
+        prov = {"source": "npy", "path": str(f.path)}
+    elif f.source == "raw":
+        x = data.train.images.reshape(n, -1).astype(np.float32)
+        v1 = _l2((x - x.mean(0)) / (x.std(0) + 1e-6))
+        prov = {"source": "raw pixels (standardised)"}
+    else:
+        from dmlp_plugin.features.cache import get_features  # noqa: PLC0415
+
+        bank = get_features(data.train, built["ssl"], f.cache_dir, device=device, progress=progress)
+        v1 = bank.views["plain"]
+        prov = {"source": "ssl", "cache": bank.path, **bank.provenance}
+    if f.path2:
+        v2 = _load_feature_file(f.path2, n, "features.path2")
+        prov["view2"] = {"source": "npy", "path": f.path2}
+    elif f.second_view == "hflip":
+        v2 = bank.views["hflip"]
+        prov["view2"] = {"source": "ssl features of horizontally flipped images"}
+    elif f.second_view == "random_relu":
+        v2 = random_relu_view(v1, f.second_view_dim, cfg.seed)
+        prov["view2"] = {"source": f"random ReLU features of view 1 (dim {f.second_view_dim})"}
+    else:
+        v2 = v1
+        prov["view2"] = {"source": "view 1 again (authors' script)"}
+    prov["dims"] = [int(v1.shape[1]), int(v2.shape[1])]
+    return Views([v1, v2], prov)
+
+
+def neighbour_agreement(view1: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    from dmlp_plugin.checks import knn  # noqa: PLC0415
+
+    _, idx = knn.search(view1, k)
+    return knn.neighbour_agreement(idx, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole purify run
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} exists and is not a folder; give a folder path")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {str(out)!r}: cannot write into {str(parent)!r}; choose a writable folder")
+
+
+def config_hash(raw: dict) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def versions() -> dict:
+    import torch  # noqa: PLC0415
+
+    out = {"dmlp_plugin": __version__, "python": platform.python_version(), "numpy": np.__version__,
+           "torch": torch.__version__}
+    for mod in ("timm", "faiss", "sklearn"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            out[mod] = None
+    return out
+
+
+def run_preprocessor(pre, views: Views, noisy, meta_idx, meta_labels, num_classes, truth, device, progress,
+                     seed) -> PurifyResult:
+    inp = PurifyInputs(views=views.arrays, noisy=noisy, meta_idx=meta_idx, meta_labels=meta_labels,
+                       num_classes=num_classes, truth=truth, device=device, progress=progress, seed=seed)
+    return pre.purify(inp)
+
+
+def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, progress: bool = True) -> dict:
+    """Run ``dmlp purify``: writes labels.npz, metrics.json, report.md and plots into ``out``.
+    Returns the metrics dict."""
+    from dmlp_plugin import metrics as M  # noqa: PLC0415
+    from dmlp_plugin.artifacts import LabelsArtifact, save_labels  # noqa: PLC0415
+    from dmlp_plugin.atomic import write_json, write_text  # noqa: PLC0415
+    from dmlp_plugin.report import write_purify_report  # noqa: PLC0415
+
+    out = Path(out)
+    _check_out_dir(out)
+    built = validate(cfg)
+    device = resolve_device(cfg.device)
+    timings = {}
+    t = time.perf_counter()
+    data = load_data(cfg)
+    noisy_labels, truth = make_noisy(cfg, data)
+    noisy = noisy_labels.labels
+    c = data.train.num_classes
+    timings["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    views = make_views(cfg, data, device, built, progress)
+    timings["features"] = time.perf_counter() - t
+    meta_idx, meta_labels = select_trusted(cfg, noisy, truth, c, views.arrays[0])
+    if meta_idx.size == 0 and cfg.preprocessor.name in ("dmlp", "trusted_only"):
+        raise UserError(f"preprocessor {cfg.preprocessor.name!r} needs a trusted subset; set trusted.source to "
+                        f"clean_sample, index_file or knn_auto")
+
+    t = time.perf_counter()
+    result = run_preprocessor(built["preprocessor"], views, noisy, meta_idx, meta_labels, c, truth, device,
+                              progress, cfg.seed)
+    timings["purify"] = time.perf_counter() - t
+    agreement = neighbour_agreement(views.arrays[0], result.hard, cfg.checks.k)
+
+    is_meta = np.zeros(len(noisy), bool)
+    is_meta[meta_idx] = True
+    rest = ~is_meta
+    metrics: dict = {
+        "dataset": cfg.dataset.name, "num_samples": int(len(noisy)), "num_classes": int(c),
+        "preprocessor": cfg.preprocessor.name, "seed": cfg.seed, "device": device, "world_size": 1,
+        "noise": {"kind": noisy_labels.kind, "rate": noisy_labels.rate, "flip_rate": noisy_labels.flip_rate,
+                  "include_true_class": noisy_labels.include_true_class},
+        "trusted": {"source": cfg.trusted.source, "size": int(meta_idx.size),
+                    "fraction": float(meta_idx.size / len(noisy))},
+        "features": views.provenance,
+        "mean_confidence": float(result.confidence[rest].mean()) if rest.any() else None,
+        "mean_neighbour_agreement": float(agreement.mean()),
+        "seconds": {**timings},
+        "config_hash": config_hash(raw or to_dict(cfg)), "versions": versions(),
+    }
+    compare_results = {}
+    if truth is not None:
+        metrics["evaluated_on"] = "the samples outside the trusted subset"
+        metrics["label_accuracy_before"] = M.label_accuracy(noisy[rest], truth[rest])
+        metrics["label_accuracy_after"] = M.label_accuracy(result.hard[rest], truth[rest])
+        metrics.update(M.fixed_broken(noisy[rest], result.hard[rest], truth[rest]))
+        for name in cfg.checks.compare:
+            if name == cfg.preprocessor.name:
+                continue
+            t = time.perf_counter()
+            if name == "knn_vote":
+                by_k = {}
+                for k in cfg.checks.vote_ks:
+                    r = run_preprocessor(build_component("preprocessors", "knn_vote", {"k": int(k)}), views, noisy,
+                                         meta_idx, meta_labels, c, truth, device, False, cfg.seed)
+                    by_k[str(k)] = M.label_accuracy(r.hard[rest], truth[rest])
+                best = max(by_k, key=lambda k: by_k[k])
+                compare_results[name] = {"label_accuracy_after": by_k[best], "best_k": int(best), "by_k": by_k,
+                                         "note": "best k chosen with the true labels (flatters this baseline)"}
+            else:
+                if meta_idx.size == 0 and name == "trusted_only":
+                    continue
+                r = run_preprocessor(build_component("preprocessors", name, {}), views, noisy, meta_idx,
+                                     meta_labels, c, truth, device, False, cfg.seed)
+                compare_results[name] = {"label_accuracy_after": M.label_accuracy(r.hard[rest], truth[rest])}
+            compare_results[name]["seconds"] = time.perf_counter() - t
+        metrics.update(compare_results)
+    metrics["seconds"]["total"] = sum(timings.values())
+
+    art = LabelsArtifact(hard=result.hard, soft=result.soft, confidence=result.confidence,
+                         neighbour_agreement=agreement, noisy=noisy.astype(np.int64), meta_indices=meta_idx,
+                         meta_labels=meta_labels, fingerprint=data.train.fingerprint(), true_labels=truth,
+                         provenance={"config": raw or to_dict(cfg), "features": views.provenance,
+                                     "versions": metrics["versions"], "noise": noisy_labels.details})
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        save_labels(staging / "labels.npz", art)
+        write_json(staging / "metrics.json", metrics)
+        write_json(staging / "history.json", result.history)
+        write_text(staging / "config.yaml", _yaml_dump(raw or to_dict(cfg)))
+        write_purify_report(staging, metrics, result, art, class_names=data.train.class_names)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(staging.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metrics
+
+
+def _yaml_dump(obj) -> str:
+    import yaml  # noqa: PLC0415
+
+    return yaml.safe_dump(obj, sort_keys=False)
