@@ -97,7 +97,7 @@ def write_purify_report(folder: Path, metrics: dict, result, art, class_names=()
         f"- samples: {n['num_samples']}, classes: {n['num_classes']}; trusted subset: {n['trusted']['size']} "
         f"({100 * n['trusted']['fraction']:.1f}%, source `{n['trusted']['source']}`)",
         f"- noise: `{n['noise']['kind']}`, requested rate {n['noise']['rate']}, measured flip rate "
-        f"{_fmt(n['noise']['flip_rate'])}, true class may be drawn: {n['noise']['include_true_class']}",
+        f"{_fmt(n['noise']['flip_rate'])}, true class may be drawn: {_fmt(n['noise']['include_true_class'])}",
         f"- features: {n['features'].get('source')} (dims {n['features'].get('dims')}); view 2: "
         f"{n['features'].get('view2', {}).get('source')}",
         f"- config hash `{n['config_hash']}`; versions: "

@@ -134,8 +134,14 @@ def _ipc_step(view: _View, b: int, idx: torch.Tensor, xm: torch.Tensor, ym: torc
         lam = cfg.ridge * torch.trace(gram) / gram.shape[0]
         eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
         chol, info = torch.linalg.cholesky_ex(gram + lam * eye)
-        if int(info) != 0:  # singular without ridge: add the smallest ridge that factorises
-            chol = torch.linalg.cholesky(gram + (1e-6 * torch.trace(gram) / gram.shape[0]) * eye)
+        jitter = 1e-6
+        while int(info) != 0:
+            # singular (ridge 0 with d >= batch size, or duplicate rows): the smallest relative ridge
+            # that factorises, as a pseudo-inverse would pick the minimum-norm solution
+            if jitter > 1.0:
+                raise RuntimeError("the Gram matrix of a batch could not be factorised; check the features")
+            chol, info = torch.linalg.cholesky_ex(gram + (lam + jitter * torch.trace(gram) / gram.shape[0]) * eye)
+            jitter *= 10
         view.chol[b] = chol
     view.opt_y.zero_grad(set_to_none=True)
     yb = view.y[idx]

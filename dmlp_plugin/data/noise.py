@@ -1,0 +1,309 @@
+"""Label noise models (registry kind ``noise``): one entry point, :func:`apply_noise`.
+
+Conventions differ between codebases (see BASELINES.md, "Noise conventions"), so each is named and
+recorded: every result carries the requested rate, the measured flip rate (fraction of labels that differ
+from the truth) and per-class flip rates.
+
+- ``none``: the labels as given.
+- ``symmetric``: DivideMix's rule. Exactly ``int(rate * N)`` samples, drawn by a permutation, get a new
+  label uniform over all C classes (``include_true_class=True``: the true class can come back, flip rate
+  ~ rate * (1 - 1/C), DivideMix and ELR) or over the other C-1 classes (``False``: flip rate ~ rate,
+  Co-teaching).
+- ``asymmetric``: DivideMix's CIFAR-10 mapping. ``int(rate * N)`` samples are drawn; those of a mapped
+  class move (truck->automobile, bird->airplane, deer->horse, cat<->dog), the others keep their label,
+  so each mapped class flips ~ rate and 40% noise flips ~20% of CIFAR-10.
+- ``pairflip``: Co-teaching's pair noise. Each sample of a source class i moves to ``pairs[i]`` with
+  probability ``rate`` (an independent draw per sample); default pairs i -> (i + 1) mod C.
+- ``human``: labels read from a file (CIFAR-N style): .npy, or .npz / .pt dicts of arrays with ``key``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+
+import numpy as np
+
+from dmlp_plugin.errors import UserError
+from dmlp_plugin.metrics import transition_matrix
+
+__all__ = ["KINDS", "CIFAR10_ASYMMETRIC", "NoisyLabels", "apply_noise"]
+
+KINDS = ("none", "symmetric", "asymmetric", "pairflip", "human")
+
+# DivideMix's dataloader_cifar.py: {truck: automobile, bird: airplane, deer: horse, cat: dog, dog: cat}
+# in CIFAR-10's class order (0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 6 frog, 7 horse,
+# 8 ship, 9 truck).
+CIFAR10_ASYMMETRIC = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+
+_CONVENTIONS = {
+    "none": "labels as given; no noise added",
+    "symmetric": "DivideMix symmetric: int(rate*N) samples drawn by a permutation get a label uniform over {}",
+    "asymmetric": ("DivideMix asymmetric (CIFAR-10 class order): int(rate*N) samples drawn by a permutation; "
+                   "those of a mapped class move truck->automobile, bird->airplane, deer->horse, cat<->dog"),
+    "pairflip": "Co-teaching pair noise: each sample of class i moves to pairs[i] with probability rate",
+    "human": "human labels read from a file; the rate is the measured flip rate",
+}
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value, compare .labels instead
+class NoisyLabels:
+    """The training labels after noise.
+
+    labels: (N,) int64. kind: the noise kind. rate: the requested rate (for ``human`` and ``none``, the
+    measured flip rate). flip_rate: measured fraction of labels that differ from the truth.
+    include_true_class: the symmetric convention (None for other kinds). details: JSON-able record
+    (convention text, rates, mapping or pairs, file and key, per-class flip rates).
+    """
+
+    labels: np.ndarray
+    kind: str
+    rate: float
+    flip_rate: float
+    include_true_class: bool | None
+    details: dict = field(default_factory=dict)
+
+
+def apply_noise(truth, num_classes: int, *, kind: str, rate: float = 0.0, seed: int = 0,
+                include_true_class: bool = True, pairs: dict | None = None, file=None,
+                key: str | None = None) -> NoisyLabels:
+    """Apply the noise model ``kind`` to the true labels ``truth`` (N,) of ``num_classes`` classes.
+
+    Randomness comes only from ``np.random.default_rng(seed)``: the same arguments give the same labels.
+    ``pairs`` (pairflip) maps source class -> target class (keys may be str, as YAML gives them);
+    ``file`` / ``key`` (human) name the labels file and the array in it. ``truth`` is not modified.
+    """
+    if kind not in KINDS:
+        raise UserError(f"unknown noise kind {kind!r}; give one of {', '.join(KINDS)}")
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+        raise UserError(f"noise.rate={rate!r} is outside [0, 1); give a fraction such as 0.5")
+    if pairs is not None and kind != "pairflip":
+        raise UserError(f"noise.pairs is used only by kind pairflip, not {kind!r}; remove it or set kind: pairflip")
+    if (file is not None or key is not None) and kind != "human":
+        raise UserError(f"noise.file / noise.key are used only by kind human, not {kind!r}; remove them or set "
+                        f"kind: human")
+    num_classes = _check_num_classes(num_classes)
+    truth = _check_truth(truth, num_classes)
+    rate = float(rate)
+    n = truth.shape[0]
+    rng = np.random.default_rng(seed)
+    details: dict = {"convention": _CONVENTIONS[kind]}
+
+    if kind == "none":
+        labels, rate = truth.copy(), 0.0
+    elif kind == "symmetric":
+        labels = truth.copy()
+        chosen = rng.permutation(n)[: int(rate * n)]
+        if include_true_class:
+            labels[chosen] = rng.integers(0, num_classes, size=chosen.size)
+        else:
+            if num_classes < 2:
+                raise UserError("symmetric noise with include_true_class=false needs at least 2 classes")
+            # An offset in 1..C-1 is uniform over the other classes and never lands on the true one.
+            labels[chosen] = (truth[chosen] + rng.integers(1, num_classes, size=chosen.size)) % num_classes
+        details["convention"] = details["convention"].format(
+            f"all {num_classes} classes (the true class may come back)" if include_true_class
+            else f"the other {num_classes - 1} classes")
+        details["num_drawn"] = int(chosen.size)
+    elif kind == "asymmetric":
+        if num_classes != 10:
+            raise UserError(f"asymmetric noise is CIFAR-10's class mapping and needs 10 classes, not {num_classes}; "
+                            f"use kind: pairflip with pairs: {{source: target, ...}} for other data sets")
+        target = np.arange(10)
+        for src, dst in CIFAR10_ASYMMETRIC.items():
+            target[src] = dst
+        labels = truth.copy()
+        chosen = rng.permutation(n)[: int(rate * n)]
+        labels[chosen] = target[truth[chosen]]
+        details["mapping"] = {str(s): d for s, d in CIFAR10_ASYMMETRIC.items()}
+        details["num_drawn"] = int(chosen.size)
+    elif kind == "pairflip":
+        mapping = _check_pairs(pairs, num_classes)
+        target = np.arange(num_classes)
+        for src, dst in mapping.items():
+            target[src] = dst
+        flip = rng.random(n) < rate
+        labels = np.where(flip, target[truth], truth)
+        details["pairs"] = {str(s): d for s, d in mapping.items()}
+    else:  # human
+        labels, source = _read_human_labels(file, key, n, num_classes, truth)
+        details.update(source)
+
+    labels = labels.astype(np.int64, copy=False)
+    flip_rate = float(np.mean(labels != truth))
+    requested = None if kind == "human" else rate
+    if kind == "human":  # nothing was requested: report what the file holds
+        rate = flip_rate
+    details.update({
+        "requested_rate": requested,
+        "flip_rate": flip_rate,
+        "per_class_flip_rate": _per_class_flip_rates(truth, labels, num_classes),
+    })
+    if kind == "symmetric":
+        details["include_true_class"] = bool(include_true_class)
+    return NoisyLabels(labels=labels, kind=kind, rate=rate, flip_rate=flip_rate,
+                       include_true_class=bool(include_true_class) if kind == "symmetric" else None,
+                       details=details)
+
+
+def _check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise UserError(f"num_classes={num_classes!r} is not a positive integer")
+    return int(num_classes)
+
+
+def _check_truth(truth, num_classes: int) -> np.ndarray:
+    """(N,) integer labels in [0, C) -> (N,) int64 (the same array when it already is int64)."""
+    truth = np.asarray(truth)
+    if truth.ndim != 1 or truth.size == 0:
+        raise UserError(f"true labels have shape {truth.shape}; expected a non-empty 1-d array (N,)")
+    if not np.issubdtype(truth.dtype, np.integer):
+        raise UserError(f"true labels have dtype {truth.dtype}; expected integer class indices")
+    if truth.min() < 0 or truth.max() >= num_classes:
+        raise UserError(f"true labels span {truth.min()}..{truth.max()}, outside 0..{num_classes - 1} "
+                        f"for {num_classes} classes")
+    return truth.astype(np.int64, copy=False)
+
+
+def _as_class(value, what: str, num_classes: int) -> int:
+    # YAML gives mapping keys as str ("3") or int; bools are ints in Python but never a class.
+    if isinstance(value, bool):
+        raise UserError(f"noise.pairs {what} {value!r} is not a class index")
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, (int, np.integer)):
+        raise UserError(f"noise.pairs {what} {value!r} is not a class index; give e.g. pairs: {{9: 1, 2: 0}}")
+    if not 0 <= value < num_classes:
+        raise UserError(f"noise.pairs {what} {value} is outside 0..{num_classes - 1}")
+    return int(value)
+
+
+def _check_pairs(pairs, num_classes: int) -> dict[int, int]:
+    """``pairs`` -> {source: target} with both in [0, C) and source != target; None -> i -> (i+1) mod C."""
+    if pairs is None:
+        if num_classes < 2:
+            raise UserError("pairflip noise needs at least 2 classes")
+        return {i: (i + 1) % num_classes for i in range(num_classes)}
+    if not isinstance(pairs, dict) or not pairs:
+        raise UserError(f"noise.pairs={pairs!r} is not a non-empty mapping; give source: target, e.g. {{9: 1, 2: 0}}")
+    mapping: dict[int, int] = {}
+    for src, dst in pairs.items():
+        s, d = _as_class(src, "source", num_classes), _as_class(dst, "target", num_classes)
+        if s == d:
+            raise UserError(f"noise.pairs maps class {s} to itself; remove that pair")
+        if s in mapping:
+            raise UserError(f"noise.pairs names source class {s} twice (as {src!r}); keep one")
+        mapping[s] = d
+    return dict(sorted(mapping.items()))
+
+
+def _per_class_flip_rates(truth: np.ndarray, labels: np.ndarray, num_classes: int) -> list:
+    """[P(label != truth | truth = c) for c in range(C)], None for classes without samples."""
+    t = transition_matrix(truth, labels, num_classes)
+    counts = np.bincount(truth, minlength=num_classes)
+    return [round(float(1.0 - t[c, c]), 6) if counts[c] else None for c in range(num_classes)]
+
+
+def _torch_safe_numpy_globals() -> list:
+    """What ``torch.load(weights_only=True)`` must be told to build numpy arrays of numbers: the array
+    reconstructor under its numpy 2 and numpy 1 names, ndarray, dtype and the numeric dtype classes."""
+    try:
+        multiarray = import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1.x
+        multiarray = import_module("numpy.core.multiarray")
+    reconstruct = multiarray._reconstruct
+    dtype_names = ("BoolDType", "ByteDType", "UByteDType", "ShortDType", "UShortDType", "IntDType", "UIntDType",
+                   "LongDType", "ULongDType", "LongLongDType", "ULongLongDType", "Int8DType", "UInt8DType",
+                   "Int16DType", "UInt16DType", "Int32DType", "UInt32DType", "Int64DType", "UInt64DType",
+                   "Float16DType", "Float32DType", "Float64DType")
+    dtypes = [getattr(np.dtypes, n) for n in dtype_names if hasattr(np.dtypes, n)]
+    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, *dtypes]
+
+
+def _load_label_arrays(path: Path) -> dict:
+    """A labels file -> {key: array}; a .npy gives {None: array}."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return {None: np.load(path, allow_pickle=False)}
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        if suffix == ".pt":
+            import torch  # noqa: PLC0415 (only .pt files need torch)
+
+            with torch.serialization.safe_globals(_torch_safe_numpy_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(obj, dict):
+                raise UserError(f"noise.file {str(path)!r} holds a {type(obj).__name__}, not a dict of label "
+                                f"arrays; save a dict, e.g. torch.save({{'aggre_label': labels}}, path)")
+            return {str(k): (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in obj.items()}
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 (numpy/torch raise many types for a bad file; all mean the same)
+        raise UserError(f"noise.file {str(path)!r} cannot be read as {suffix} label arrays ({_reason(e)}); "
+                        f"it must hold only numeric arrays (no pickled objects)") from None
+    raise UserError(f"noise.file {str(path)!r} has suffix {suffix!r}; give a .npy, .npz or .pt file")
+
+
+def _reason(err: Exception) -> str:
+    """One line saying why a load failed. torch's weights_only error is a page of advice (to load with
+    weights_only=False, which we never do) around one useful sentence: keep that sentence."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if found:
+        return found.group(1).split(". ")[0].rstrip(". ")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _read_human_labels(file, key, n: int, num_classes: int, truth: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(N,) int64 labels from ``file`` (``key`` selects the array in a .npz/.pt) and a JSON-able record."""
+    if file is None:
+        raise UserError("noise kind human needs noise.file: a .npy, .npz or .pt of labels (e.g. CIFAR-10_human.pt "
+                        "with key aggre_label)")
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise UserError(f"noise.file {str(path)!r} not found; give the path of the human labels file "
+                        f"(CIFAR-N: download CIFAR-10_human.pt from the CIFAR-N repository)")
+    arrays = _load_label_arrays(path)
+    if None in arrays:  # .npy
+        if key is not None:
+            raise UserError(f"noise.key={key!r} given but {str(path)!r} is a .npy holding one array; remove the key")
+        labels = arrays[None]
+    else:
+        available = ", ".join(sorted(arrays))
+        if key is None:
+            raise UserError(f"noise.file {str(path)!r} holds several arrays; set noise.key to one of: {available}")
+        if key not in arrays:
+            raise UserError(f"noise.key={key!r} is not in {str(path)!r}; available keys: {available}")
+        labels = arrays[key]
+    labels = _check_label_array(np.asarray(labels), f"{str(path)!r}" + (f" key {key!r}" if key else ""),
+                                n, num_classes)
+    # CIFAR-N files carry the clean labels too: if they disagree with the data set's labels, the file is
+    # for another data set or another sample order, and every "noisy" label would be misaligned.
+    clean = arrays.get("clean_label") if key != "clean_label" else None
+    if clean is not None:
+        clean = np.asarray(clean)
+        if clean.shape == truth.shape and np.issubdtype(clean.dtype, np.integer) and np.any(clean != truth):
+            raise UserError(f"clean_label in noise.file {str(path)!r} differs from the data set's labels on "
+                            f"{int(np.sum(clean != truth))} of {n} samples; the file belongs to another data set "
+                            f"or sample order")
+    return labels, {"file": str(path), "key": key}
+
+
+def _check_label_array(labels: np.ndarray, where: str, n: int, num_classes: int) -> np.ndarray:
+    if labels.ndim != 1:
+        raise UserError(f"human labels {where} have shape {labels.shape}; expected 1-d (N,)")
+    if labels.shape[0] != n:
+        raise UserError(f"human labels {where} hold {labels.shape[0]} labels but the training split has {n}; "
+                        f"give the labels file of this data set")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"human labels {where} have dtype {labels.dtype}; expected integer class indices")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"human labels {where} span {labels.min()}..{labels.max()}, outside 0..{num_classes - 1}")
+    return labels.astype(np.int64)

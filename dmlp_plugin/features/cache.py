@@ -1,0 +1,139 @@
+"""Stage 1 entry point: SimCLR features of a data set, computed once and cached on disk.
+
+The cache key is sha256 over (the data set's fingerprint, the SimCLR settings as sorted JSON, a format
+version): another data set, backbone or any other setting gives another file. Files in ``cache_dir``:
+
+- ``features-<key>.npz``: arrays ``plain`` and ``hflip`` (N, d) float32 with L2-normalised rows (features
+  of the images and of their mirror images) and ``provenance`` (a JSON string); no object arrays, loaded
+  with ``allow_pickle=False``.
+- ``features-<key>.json``: the provenance again, for people.
+- ``ssl-<key>.pt``: the SimCLR checkpoint while training runs (a killed run resumes from it); deleted
+  once the features are saved.
+
+Every file is written atomically (temporary file + rename). A cache file that cannot be read or does not
+match (wrong shapes, NaN) is rebuilt with a warning instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dmlp_plugin.atomic import write_json, write_npz
+from dmlp_plugin.records import ImageSet
+
+FORMAT_VERSION = 1
+VIEWS = ("plain", "hflip")
+
+
+@dataclass(frozen=True)
+class FeatureBank:
+    """Cached features of one data set.
+
+    views: name -> float32 (N, d) with L2-normalised rows: ``plain`` (the images) and ``hflip`` (their
+    left-right mirror images). path: the ``.npz`` file. provenance: JSON-able details (method, backbone,
+    epochs, seconds, final loss, cache key, data fingerprint, settings).
+    """
+
+    views: dict
+    path: str
+    provenance: dict = field(default_factory=dict)
+
+
+def cache_key(imageset: ImageSet, cfg) -> str:
+    """sha256 over (data fingerprint, settings as sorted JSON, format version), 16 hex digits."""
+    payload = json.dumps({"data": imageset.fingerprint(), "config": dataclasses.asdict(cfg),
+                          "format": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _load(path: Path, n: int) -> FeatureBank | None:
+    """The cached bank, or None with a warning when the file is damaged or does not fit the data."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            views = {name: np.asarray(z[name]) for name in VIEWS}
+            provenance = json.loads(str(z["provenance"]))
+        for name, x in views.items():
+            if x.dtype != np.float32 or x.ndim != 2 or x.shape[0] != n or not np.isfinite(x).all():
+                raise ValueError(f"view {name!r} is {x.dtype} {x.shape}, expected finite float32 ({n}, d)")
+        if not isinstance(provenance, dict):
+            raise ValueError("provenance is not a mapping")
+    except Exception as e:  # noqa: BLE001 - any damage (truncated zip, missing key, bad JSON): rebuild
+        warnings.warn(f"feature cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return FeatureBank(views=views, path=str(path), provenance=provenance)
+
+
+def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: str = "cpu",
+                 progress: bool = True) -> FeatureBank:
+    """SimCLR features of ``imageset.images`` (uint8 (N, H, W, C)) for settings ``cfg`` (a SimCLRConfig).
+
+    Loads ``<cache_dir>/features-<key>.npz`` when it exists and is sound; otherwise trains SimCLR
+    (``ssl.train_simclr``, resuming from ``<cache_dir>/ssl-<key>.pt`` if a previous run was killed),
+    extracts the ``plain`` and ``hflip`` views, saves them atomically with a JSON sidecar and deletes the
+    checkpoint. Labels are never used (they only enter the data fingerprint).
+    """
+    import torch  # noqa: PLC0415 - heavy imports on use (a cache hit still needs none of the model code)
+
+    cache_dir = Path(cache_dir)
+    key = cache_key(imageset, cfg)
+    path = cache_dir / f"features-{key}.npz"
+    sidecar = cache_dir / f"features-{key}.json"
+    n = len(imageset)
+    if path.exists():
+        bank = _load(path, n)
+        if bank is not None:
+            if not sidecar.exists():
+                write_json(sidecar, bank.provenance)
+            return bank
+
+    from dmlp_plugin.features import ssl  # noqa: PLC0415
+    from dmlp_plugin.features.extract import extract_features  # noqa: PLC0415
+
+    ckpt = cache_dir / f"ssl-{key}.pt"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    model = ssl.train_simclr(imageset.images, cfg, device=device, progress=progress, checkpoint=ckpt)
+    train_seconds = time.perf_counter() - t
+    views = {name: extract_features(model, imageset.images, cfg.image_size, device, flip=(name == "hflip"))
+             for name in VIEWS}
+    losses = [round(float(v), 5) for v in getattr(model, "simclr_losses", [])]
+    provenance = {
+        "method": "SimCLR (Chen et al. 2020), NT-Xent; features = pooled backbone output, L2-normalised",
+        "backbone": cfg.backbone,
+        "cifar_stem": cfg.cifar_stem,
+        "image_size": cfg.image_size,
+        "epochs": cfg.epochs,
+        "seconds": round(train_seconds, 2),
+        "final_loss": losses[-1] if losses else None,
+        "loss_history": losses,
+        "dim": int(views["plain"].shape[1]),
+        "key": key,
+        "data_fingerprint": imageset.fingerprint(),
+        "data_name": imageset.name,
+        "n": n,
+        "device": str(device),
+        "torch": torch.__version__,
+        "timm": _timm_version(),
+        "format": FORMAT_VERSION,
+        "ssl_config": dataclasses.asdict(cfg),
+    }
+    write_npz(path, **views, provenance=np.array(json.dumps(provenance)))
+    write_json(sidecar, provenance)
+    ckpt.unlink(missing_ok=True)
+    return FeatureBank(views=views, path=str(path), provenance=provenance)
+
+
+def _timm_version() -> str:
+    import timm  # noqa: PLC0415
+
+    return str(timm.__version__)

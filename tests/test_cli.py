@@ -1,0 +1,125 @@
+"""`dmlp purify` as a user runs it: files written, metrics present, bad input gives one clean line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmlp_plugin.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "purify-digits.yaml")
+FAST = ["--set", "features.source=raw", "--no-progress"]  # raw pixels: the CLI path without SSL training
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "dmlp_plugin", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture(scope="module")
+def purified(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    r = _run("purify", CONFIG, "--out", str(out), *FAST, "--set", "noise.kind=symmetric", "--set", "noise.rate=0.8",
+             "--set", "seed=0")
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_purify_writes_the_artifact_metrics_and_report(purified):
+    out, r = purified
+    assert {"labels.npz", "metrics.json", "report.md", "label_accuracy.png", "transition_matrix.png"} <= {
+        p.name for p in out.iterdir()}
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["noise"]["kind"] == "symmetric" and m["noise"]["rate"] == 0.8 and m["seed"] == 0
+    assert 0.2 < m["label_accuracy_before"] < 0.35
+    assert m["label_accuracy_after"] > m["knn_vote"]["label_accuracy_after"]
+    assert m["label_accuracy_after"] > m["label_accuracy_before"] + 0.4
+    with np.load(out / "labels.npz", allow_pickle=False) as z:
+        assert z["hard"].dtype.kind == "i" and z["hard"].shape == (m["num_samples"],)
+        assert z["soft"].shape == (m["num_samples"], 10)
+        for key in ("confidence", "neighbour_agreement", "noisy", "meta_indices"):
+            assert key in z.files
+    report = (out / "report.md").read_text()
+    assert "| noisy (before) |" in report and "knn_vote" in report
+    assert "label accuracy: noisy" in r.stdout
+
+
+def test_dmlp_and_python_dash_m_are_the_same_program():
+    exe = Path(sys.executable).with_name("dmlp")
+    a = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    b = _run("--help")
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout and "purify" in a.stdout
+
+
+BAD = [
+    (["--set", "noise.rate=1.5"], r"noise\.rate=1\.5 is outside \[0, 1\)"),
+    (["--set", "noise.rat=0.5"], r"unknown key 'rat' under 'noise' \(did you mean 'rate'"),
+    (["--set", "preprocessor.name=dmpl"], r"unknown preprocessor 'dmpl' \(did you mean 'dmlp'"),
+    (["--set", "dataset.name=cifar11"], r"unknown dataset 'cifar11' \(did you mean 'cifar10'"),
+    (["--set", "noise.kind=symetric"], r"did you mean 'symmetric'"),
+    (["--set", "seed=abc"], r"seed: expected an integer, got 'abc'"),
+    (["--set", "trusted.size=100000"], r"trusted\.size=100000.* training set has 1437"),
+    (["--set", "preprocessor.params={epochz: 3}"], r"preprocessor\.params: unknown key 'epochz'.*did you mean 'epochs'"),
+    (["--set", "noise.rate"], r"expected KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[b[0][-1] for b in BAD])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code = main(["purify", CONFIG, "--out", str(out), *FAST, *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(message, err), err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no staging folder left behind either
+
+
+def test_malformed_yaml_and_missing_config(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("noise: {kind: symmetric\nrate: 0.5\n")
+    assert main(["purify", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "is not valid YAML at line" in capsys.readouterr().err
+    assert main(["purify", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["purify", CONFIG, "--out", str(blocker), *FAST]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_own_features_from_npy(tmp_path, capsys):
+    # a user brings (N, d) features of the digits training split; NaN rows are refused with the row named
+    from dmlp_plugin.data.datasets import load_digits
+
+    n = len(load_digits().train)
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((n, 16)).astype(np.float32)
+    np.save(tmp_path / "f.npy", feats)
+    code = main(["purify", CONFIG, "--out", str(tmp_path / "o"), "--no-progress", "--set", "features.source=npy",
+                 "--set", f"features.path={tmp_path / 'f.npy'}", "--set", "preprocessor.params={epochs: 2}"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "labels.npz").is_file()
+    feats[7, 3] = np.nan
+    np.save(tmp_path / "g.npy", feats)
+    code = main(["purify", CONFIG, "--out", str(tmp_path / "p"), "--no-progress", "--set", "features.source=npy",
+                 "--set", f"features.path={tmp_path / 'g.npy'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "NaN or Inf values (first in row 7)" in err
+    np.save(tmp_path / "h.npy", feats[:10])
+    code = main(["purify", CONFIG, "--out", str(tmp_path / "q"), "--no-progress", "--set", "features.source=npy",
+                 "--set", f"features.path={tmp_path / 'h.npy'}"])
+    assert code == 2 and "has 10 rows but the data set has" in capsys.readouterr().err
