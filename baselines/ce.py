@@ -28,11 +28,11 @@ def ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 PRESETS = {
     "cifar10": dict(backbone="resnet18", cifar_stem=True, image_size=None, epochs=300, batch_size=128, lr=0.02,
                     momentum=0.9, weight_decay=5e-4, milestones=(150,), gamma=0.1, augment=True, crop_pad=4,
-                    hflip=True, mixed_precision="no"),
+                    hflip=True, mixed_precision="auto"),
     # scikit-learn digits (8x8 grey, 1,437 training images) on a 2-core CPU: see benchmarks/baselines_digits.py
     "small": dict(backbone="test_resnet", cifar_stem=False, image_size=16, epochs=30, batch_size=64, lr=0.05,
                   momentum=0.9, weight_decay=5e-4, milestones=(20,), gamma=0.1, augment=True, crop_pad=2,
-                  hflip=False, mixed_precision="bf16"),
+                  hflip=False, mixed_precision="auto"),
 }
 
 
@@ -53,7 +53,7 @@ class CE:
     augment: bool = True
     crop_pad: int = 4
     hflip: bool = True
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
 
     def __post_init__(self):
         check_common(self)

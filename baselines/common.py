@@ -46,6 +46,7 @@ from torch import nn
 from dmlp_plugin.atomic import write_json
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.features.backbone import create_backbone, to_input
+from dmlp_plugin.hardware import MIXED_PRECISION_MODES, resolve_mixed_precision
 
 # ----------------------------------------------------------------------------------------------- records
 
@@ -174,17 +175,20 @@ def check_common(cfg) -> None:
         raise UserError(f"{type(cfg).__name__}.lr={cfg.lr}: give a positive learning rate")
     if cfg.image_size is not None and cfg.image_size < 4:
         raise UserError(f"{type(cfg).__name__}.image_size={cfg.image_size}: give None (native) or >= 4")
-    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
-        raise UserError(f"{type(cfg).__name__}.mixed_precision={cfg.mixed_precision!r}: choose no, bf16 or fp16")
+    if cfg.mixed_precision not in MIXED_PRECISION_MODES:
+        raise UserError(f"{type(cfg).__name__}.mixed_precision={cfg.mixed_precision!r}: choose one of "
+                        f"{', '.join(MIXED_PRECISION_MODES)}")
 
 
 # ------------------------------------------------------------------------------------------- accelerator
 
 
-def make_accelerator(device: str | None = None, mixed_precision: str = "no"):
+def make_accelerator(device: str | None = None, mixed_precision: str = "auto"):
     """``Accelerator(cpu=..., mixed_precision=...)``. device: None/"auto" (CUDA when available), "cpu", or
-    "cuda" (which GPU is chosen by the launcher / CUDA_VISIBLE_DEVICES). In a single process, a state left
-    by an earlier run with other settings is reset (accelerate keeps one state per process)."""
+    "cuda" (which GPU is chosen by the launcher / CUDA_VISIBLE_DEVICES). mixed_precision ``auto`` is bf16
+    where the hardware runs it fast and float32 elsewhere (:mod:`dmlp_plugin.hardware`). In a single
+    process, a state left by an earlier run with other settings is reset (accelerate keeps one state per
+    process)."""
     from accelerate import Accelerator  # noqa: PLC0415 - heavy import, used on demand
     from accelerate.state import AcceleratorState, PartialState  # noqa: PLC0415
 
@@ -196,6 +200,7 @@ def make_accelerator(device: str | None = None, mixed_precision: str = "no"):
     if dev.startswith("cuda:"):
         raise UserError(f"device={device!r}: pick the GPU with CUDA_VISIBLE_DEVICES and pass device='cuda'")
     cpu = dev == "cpu" or not torch.cuda.is_available()
+    mixed_precision = resolve_mixed_precision(mixed_precision, "cpu" if cpu else "cuda")
     shared = PartialState._shared_state
     if shared and shared.get("num_processes", 1) == 1:
         state = AcceleratorState._shared_state

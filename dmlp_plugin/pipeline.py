@@ -23,6 +23,7 @@ import numpy as np
 from dmlp_plugin import __version__
 from dmlp_plugin.config import PurifyConfig, from_mapping, to_dict
 from dmlp_plugin.errors import UserError
+from dmlp_plugin.hardware import resolve_device
 from dmlp_plugin.records import DataSplits, PurifyInputs, PurifyResult
 from dmlp_plugin.registry import load_registry
 
@@ -41,18 +42,6 @@ def build_component(kind: str, name: str, params: dict):
         return obj(**params)
     except TypeError as e:
         raise UserError(f"{where} for {name!r} rejected: {e}") from None
-
-
-def resolve_device(device: str) -> str:
-    import torch  # noqa: PLC0415
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but no CUDA device is available; use device: auto or cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"device {device!r} is not known; use auto, cpu or cuda[:N]")
-    return device
 
 
 def validate(cfg: PurifyConfig) -> dict:

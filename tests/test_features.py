@@ -285,14 +285,19 @@ def test_cache_hit_key_and_corrupt_rebuild(patterns, tmp_path, monkeypatch):
         cache.get_features(data, cfg, tmp_path, progress=False)  # and sound again
 
 
-def test_cpu_bf16_hazard_falls_back_to_float32(patterns):
+def test_cpu_bf16_hazard_falls_back_to_float32(patterns, monkeypatch):
     # torch 2.14.1's CPU bf16 weight gradient of a stride-2 conv on a 1-pixel input is garbage; a model
     # whose image is smaller than its total stride must train in float32 under amp=auto (else: NaN).
     assert ssl._build(SimCLRConfig(backbone="test_resnet", image_size=16), 1)[1]
     assert not ssl._build(SimCLRConfig(backbone="test_resnet", image_size=32), 1)[1]
+    monkeypatch.setattr(ssl, "cpu_has_fast_bf16", lambda: True)
     assert not ssl._amp_enabled(SimCLRConfig(), torch.device("cpu"), hazard=True)
     assert ssl._amp_enabled(SimCLRConfig(), torch.device("cpu"), hazard=False)
     assert not ssl._amp_enabled(SimCLRConfig(amp="no"), torch.device("cpu"))
+    # a CPU without native bfloat16 (AVX2 only: bf16 ran ~25x slower than float32) trains in float32
+    monkeypatch.setattr(ssl, "cpu_has_fast_bf16", lambda: False)
+    assert not ssl._amp_enabled(SimCLRConfig(), torch.device("cpu"), hazard=False)
+    assert ssl._amp_enabled(SimCLRConfig(amp="bf16"), torch.device("cpu"), hazard=False)
     images, _ = patterns
     model = train_simclr(images, SimCLRConfig(**{**TINY, "epochs": 3}), progress=False)
     assert all(math.isfinite(v) for v in model.simclr_losses)

@@ -34,6 +34,7 @@ from dmlp_plugin.atomic import atomic_path
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.features.augment import simclr_view
 from dmlp_plugin.features.backbone import check_backbone_name, create_backbone
+from dmlp_plugin.hardware import cpu_has_fast_bf16
 
 CHECKPOINT_FORMAT = 1
 _AMP_MODES = ("auto", "bf16", "no")
@@ -54,8 +55,9 @@ class SimCLRConfig:
     (Linear-BN-ReLU-Linear). crop_scale_min: the smallest crop area fraction; hflip: random horizontal
     flips (turn off for digits or text); jitter: brightness/contrast/saturation strength, applied with
     probability 0.8; gray_p: random-grayscale probability (3-channel images only). amp: ``auto``
-    (bfloat16 autocast on CUDA when the GPU supports it, and on the CPU (~2.5x faster on 2 cores) unless
-    the model hits a CPU bfloat16 bug, see ``_bf16_hazard``), ``bf16`` (always) or ``no`` (float32).
+    (bfloat16 autocast on CUDA when the GPU supports it, and on a CPU with native bfloat16, ~2.5x
+    faster there, unless the model hits a CPU bfloat16 bug, see ``_bf16_hazard``; float32 on other CPUs,
+    where bf16 is ~25x slower: see ``dmlp_plugin.hardware``), ``bf16`` (always) or ``no`` (float32).
     seed: initialisation, data order and augmentations.
     """
 
@@ -204,7 +206,7 @@ def _amp_enabled(cfg: SimCLRConfig, device: torch.device, hazard: bool = False) 
             warnings.warn(f"features.ssl.amp=bf16: {cfg.backbone} at image_size {cfg.image_size} has a strided "
                           f"convolution on a 1-pixel input, whose CPU bfloat16 gradient is wrong in this torch "
                           f"build; use amp=auto (float32 here) or a larger image_size", RuntimeWarning, stacklevel=3)
-        return cfg.amp == "bf16" or not hazard
+        return cfg.amp == "bf16" or (not hazard and cpu_has_fast_bf16())
     return cfg.amp == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
