@@ -107,6 +107,47 @@ class PurifyConfig:
     checks: ChecksConfig = field(default_factory=ChecksConfig)
 
 
+@dataclass(frozen=True)
+class MethodConfig:
+    """A training method: a registry name under ``methods``, one of its presets (``small`` for the
+    embedded data, ``cifar10`` for the paper's settings, ...) and overrides of the preset's fields.
+    label: the name in results and the report (default: the registry name; needed when one method is
+    listed twice with other settings)."""
+
+    name: str = "ce"
+    preset: str = "small"
+    params: dict = field(default_factory=dict)
+    label: str | None = None
+
+
+ARMS = ("noisy", "purified", "purified_soft")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A ``dmlp bench`` run: the grid {noise settings} x {seeds} x {methods} x {arms}.
+
+    arms: ``noisy`` (the noisy labels, with the trusted samples' labels replaced by their trusted labels,
+    so both arms spend the same M trusted labels), ``purified`` (the preprocessor's hard labels),
+    ``purified_soft`` (its soft distributions, for methods that take them). Features are label-free and
+    made once (with ``seeds[0]``); noise, trusted subset, purification and training use each seed.
+    noise_rate: what methods that need the noise rate (Co-teaching's forget rate, DivideMix's settings)
+    are told: ``known`` (the measured fraction of wrong training labels, an oracle fact, as the official
+    codes assume) or ``none`` (methods must be given their setting in params)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    device: str = "auto"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    noise: list[NoiseConfig] = field(default_factory=lambda: [NoiseConfig(rate=0.8)])
+    trusted: TrustedConfig = field(default_factory=TrustedConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    preprocessor: PreprocessorConfig = field(default_factory=PreprocessorConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig()])
+    arms: list[str] = field(default_factory=lambda: ["noisy", "purified"])
+    noise_rate: str = "known"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # generic dataclass building
 

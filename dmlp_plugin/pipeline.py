@@ -273,7 +273,7 @@ def neighbour_agreement(view1: np.ndarray, labels: np.ndarray, k: int) -> np.nda
 # the whole purify run
 
 
-def _check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder; give a folder path")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
@@ -305,29 +305,26 @@ def run_preprocessor(pre, views: Views, noisy, meta_idx, meta_labels, num_classe
     return pre.purify(inp)
 
 
-def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, progress: bool = True) -> dict:
-    """Run ``dmlp purify``: writes labels.npz, metrics.json, report.md and plots into ``out``.
-    Returns the metrics dict."""
-    from dmlp_plugin import metrics as M  # noqa: PLC0415
-    from dmlp_plugin.artifacts import LabelsArtifact, save_labels  # noqa: PLC0415
-    from dmlp_plugin.atomic import write_json, write_text  # noqa: PLC0415
-    from dmlp_plugin.report import write_purify_report  # noqa: PLC0415
+@dataclass
+class Purified:
+    """What one purification produced: the preprocessor's result, the labels artifact and the metrics."""
 
-    out = Path(out)
-    _check_out_dir(out)
-    built = validate(cfg)
-    device = resolve_device(cfg.device)
-    timings = {}
-    t = time.perf_counter()
-    data = load_data(cfg)
+    result: PurifyResult
+    artifact: object  # LabelsArtifact
+    metrics: dict
+
+
+def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict, device: str,
+                  progress: bool = True, raw: dict | None = None, timings: dict | None = None) -> Purified:
+    """noise -> trusted subset -> preprocessor (+ the comparison preprocessors when the truth is known)
+    for one seed (``cfg.seed``), on features already made. Writes nothing."""
+    from dmlp_plugin import metrics as M  # noqa: PLC0415
+    from dmlp_plugin.artifacts import LabelsArtifact  # noqa: PLC0415
+
+    timings = dict(timings or {})
     noisy_labels, truth = make_noisy(cfg, data)
     noisy = noisy_labels.labels
     c = data.train.num_classes
-    timings["data"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    views = make_views(cfg, data, device, built, progress)
-    timings["features"] = time.perf_counter() - t
     meta_idx, meta_labels = select_trusted(cfg, noisy, truth, c, views.arrays[0])
     if meta_idx.size == 0 and cfg.preprocessor.name in ("dmlp", "trusted_only"):
         raise UserError(f"preprocessor {cfg.preprocessor.name!r} needs a trusted subset; set trusted.source to "
@@ -352,61 +349,90 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
         "features": views.provenance,
         "mean_confidence": float(result.confidence[rest].mean()) if rest.any() else None,
         "mean_neighbour_agreement": float(agreement.mean()),
-        "seconds": {**timings},
+        "seconds": timings,
         "config_hash": config_hash(raw or to_dict(cfg)), "versions": versions(),
     }
-    compare_results = {}
     if truth is not None:
         metrics["evaluated_on"] = "the samples outside the trusted subset"
         metrics["label_accuracy_before"] = M.label_accuracy(noisy[rest], truth[rest])
         metrics["label_accuracy_after"] = M.label_accuracy(result.hard[rest], truth[rest])
         metrics.update(M.fixed_broken(noisy[rest], result.hard[rest], truth[rest]))
-        for name in cfg.checks.compare:
-            if name == cfg.preprocessor.name:
-                continue
-            t = time.perf_counter()
-            if name == "knn_vote":
-                by_k = {}
-                for k in cfg.checks.vote_ks:
-                    r = run_preprocessor(build_component("preprocessors", "knn_vote", {"k": int(k)}), views, noisy,
-                                         meta_idx, meta_labels, c, truth, device, False, cfg.seed)
-                    by_k[str(k)] = M.label_accuracy(r.hard[rest], truth[rest])
-                best = max(by_k, key=lambda k: by_k[k])
-                compare_results[name] = {"label_accuracy_after": by_k[best], "best_k": int(best), "by_k": by_k,
-                                         "note": "best k chosen with the true labels (flatters this baseline)"}
-            else:
-                if meta_idx.size == 0 and name == "trusted_only":
-                    continue
-                r = run_preprocessor(build_component("preprocessors", name, {}), views, noisy, meta_idx,
-                                     meta_labels, c, truth, device, False, cfg.seed)
-                compare_results[name] = {"label_accuracy_after": M.label_accuracy(r.hard[rest], truth[rest])}
-            compare_results[name]["seconds"] = time.perf_counter() - t
-        metrics.update(compare_results)
-    metrics["seconds"]["total"] = sum(timings.values())
+        metrics.update(_compare(cfg, views, noisy, meta_idx, meta_labels, c, truth, device, rest))
+    metrics["seconds"]["total"] = sum(v for k, v in timings.items() if k != "total")
 
     art = LabelsArtifact(hard=result.hard, soft=result.soft, confidence=result.confidence,
                          neighbour_agreement=agreement, noisy=noisy.astype(np.int64), meta_indices=meta_idx,
                          meta_labels=meta_labels, fingerprint=data.train.fingerprint(), true_labels=truth,
                          provenance={"config": raw or to_dict(cfg), "features": views.provenance,
                                      "versions": metrics["versions"], "noise": noisy_labels.details})
+    return Purified(result=result, artifact=art, metrics=metrics)
+
+
+def _compare(cfg: PurifyConfig, views: Views, noisy, meta_idx, meta_labels, c, truth, device, rest) -> dict:
+    """Label accuracy of the comparison preprocessors (``checks.compare``) on the untrusted samples."""
+    from dmlp_plugin import metrics as M  # noqa: PLC0415
+
+    out = {}
+    for name in cfg.checks.compare:
+        if name == cfg.preprocessor.name:
+            continue
+        t = time.perf_counter()
+        if name == "knn_vote":
+            by_k = {}
+            for k in cfg.checks.vote_ks:
+                r = run_preprocessor(build_component("preprocessors", "knn_vote", {"k": int(k)}), views, noisy,
+                                     meta_idx, meta_labels, c, truth, device, False, cfg.seed)
+                by_k[str(k)] = M.label_accuracy(r.hard[rest], truth[rest])
+            best = max(by_k, key=lambda k: by_k[k])
+            out[name] = {"label_accuracy_after": by_k[best], "best_k": int(best), "by_k": by_k,
+                         "note": "best k chosen with the true labels (flatters this baseline)"}
+        else:
+            if meta_idx.size == 0 and name == "trusted_only":
+                continue
+            r = run_preprocessor(build_component("preprocessors", name, {}), views, noisy, meta_idx,
+                                 meta_labels, c, truth, device, False, cfg.seed)
+            out[name] = {"label_accuracy_after": M.label_accuracy(r.hard[rest], truth[rest])}
+        out[name]["seconds"] = time.perf_counter() - t
+    return out
+
+
+def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, progress: bool = True) -> dict:
+    """Run ``dmlp purify``: writes labels.npz, metrics.json, report.md and plots into ``out``.
+    Returns the metrics dict."""
+    from dmlp_plugin.artifacts import save_labels  # noqa: PLC0415
+    from dmlp_plugin.atomic import write_json, write_text  # noqa: PLC0415
+    from dmlp_plugin.report import write_purify_report  # noqa: PLC0415
+
+    out = Path(out)
+    check_out_dir(out)
+    built = validate(cfg)
+    device = resolve_device(cfg.device)
+    timings = {}
+    t = time.perf_counter()
+    data = load_data(cfg)
+    timings["data"] = time.perf_counter() - t
+    t = time.perf_counter()
+    views = make_views(cfg, data, device, built, progress)
+    timings["features"] = time.perf_counter() - t
+    p = purify_labels(cfg, data, views, built, device, progress, raw, timings)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        save_labels(staging / "labels.npz", art)
-        write_json(staging / "metrics.json", metrics)
-        write_json(staging / "history.json", result.history)
-        write_text(staging / "config.yaml", _yaml_dump(raw or to_dict(cfg)))
-        write_purify_report(staging, metrics, result, art, class_names=data.train.class_names)
+        save_labels(staging / "labels.npz", p.artifact)
+        write_json(staging / "metrics.json", p.metrics)
+        write_json(staging / "history.json", p.result.history)
+        write_text(staging / "config.yaml", yaml_dump(raw or to_dict(cfg)))
+        write_purify_report(staging, p.metrics, p.result, p.artifact, class_names=data.train.class_names)
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(staging.iterdir()):
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return metrics
+    return p.metrics
 
 
-def _yaml_dump(obj) -> str:
+def yaml_dump(obj) -> str:
     import yaml  # noqa: PLC0415
 
     return yaml.safe_dump(obj, sort_keys=False)

@@ -1,0 +1,304 @@
+"""``dmlp bench``: the A/B grid {noise settings} x {seeds} x {methods} x {arms}, resumable.
+
+For each noise setting and seed: noisy labels and the trusted subset are drawn (seeded), the
+preprocessor purifies the labels once (saved under ``DIR/purify/<noise>-s<seed>/``), then every method
+trains on every arm:
+
+- ``noisy``: the noisy labels with the M trusted samples' labels replaced by their trusted labels, so
+  both arms spend the same M trusted labels (otherwise the comparison flatters purification);
+- ``purified``: the preprocessor's hard labels (the trusted rows keep their trusted labels);
+- ``purified_soft``: its soft distributions (methods train against them as distributions).
+
+Each run writes ``DIR/runs/<run id>/result.json`` atomically when it ends and checkpoints every epoch
+while it runs, so rerunning the command skips finished runs and resumes a killed one. A run is keyed by
+everything that decides its result (method settings, arm, noise, seed, trusted subset, preprocessor,
+features, data): a changed config reruns what it changes. ``DIR/results.json`` / ``results.csv`` are
+rewritten after every run; ``DIR/report.md`` and the plots at the end (:mod:`dmlp_plugin.bench_report`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dmlp_plugin.config import ARMS, BenchConfig, MethodConfig, NoiseConfig, PurifyConfig, to_dict
+from dmlp_plugin.errors import UserError
+from dmlp_plugin.hardware import resolve_device
+from dmlp_plugin.registry import load_registry
+
+FORMAT_VERSION = 1
+NOISE_RATE_MODES = ("known", "none")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the grid
+
+
+def noise_tag(noise: NoiseConfig) -> str:
+    """A short folder-safe name of a noise setting, e.g. ``symmetric-80`` or ``human-aggre_label``."""
+    if noise.kind == "human":
+        return f"human-{noise.key or Path(noise.file or 'labels').stem}"
+    if noise.kind == "none":
+        return "none"
+    tag = f"{noise.kind}-{round(noise.rate * 100):d}"
+    return tag + ("-excl" if noise.kind == "symmetric" and not noise.include_true_class else "")
+
+
+def method_label(m: MethodConfig) -> str:
+    """The name a method entry goes by in results and the report: its label, else its registry name."""
+    return m.label or m.name
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    noise: NoiseConfig
+    seed: int
+    method: MethodConfig
+    arm: str
+
+    @property
+    def run_id(self) -> str:
+        return f"{noise_tag(self.noise)}-s{self.seed}-{method_label(self.method)}-{self.arm}"
+
+
+def purify_config(cfg: BenchConfig, noise: NoiseConfig, seed: int) -> PurifyConfig:
+    """The ``dmlp purify`` config of one cell of the grid."""
+    return PurifyConfig(seed=seed, device=cfg.device, dataset=cfg.dataset, noise=noise, trusted=cfg.trusted,
+                        features=cfg.features, preprocessor=cfg.preprocessor, checks=cfg.checks)
+
+
+def build_method(m: MethodConfig, where: str):
+    """The configured trainer of a method entry; errors name the entry."""
+    cls = load_registry().get("methods", m.name)
+    if not hasattr(cls, "from_preset") or not hasattr(cls, "run"):
+        raise UserError(f"{where}: method {m.name!r} has no from_preset/run; it is not a trainer")
+    try:
+        return cls.from_preset(m.preset, **m.params)
+    except UserError as e:
+        raise UserError(f"{where} ({m.name}): {e}") from None
+    except TypeError as e:
+        raise UserError(f"{where} ({m.name}): params rejected: {e}") from None
+
+
+def validate_bench(cfg: BenchConfig) -> dict:
+    """Check every name, setting and method of a bench config before any work; returns built pieces."""
+    from dmlp_plugin import pipeline  # noqa: PLC0415
+
+    if not cfg.seeds:
+        raise UserError("seeds is empty; give at least one seed, e.g. seeds: [0, 1]")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise UserError(f"seeds={cfg.seeds} lists a seed twice; list each seed once")
+    if not cfg.noise:
+        raise UserError("noise is empty; give at least one setting, e.g. noise: [{kind: symmetric, rate: 0.8}]")
+    tags = [noise_tag(n) for n in cfg.noise]
+    if len(set(tags)) != len(tags):
+        raise UserError(f"noise lists one setting twice ({', '.join(tags)}); list each once")
+    if not cfg.arms:
+        raise UserError(f"arms is empty; give some of {', '.join(ARMS)}")
+    for a in cfg.arms:
+        if a not in ARMS:
+            raise UserError(f"arms: unknown arm {a!r}; use {', '.join(ARMS)}")
+    if len(set(cfg.arms)) != len(cfg.arms):
+        raise UserError(f"arms={cfg.arms} lists an arm twice")
+    if cfg.noise_rate not in NOISE_RATE_MODES:
+        raise UserError(f"noise_rate={cfg.noise_rate!r} is not known; use {' or '.join(NOISE_RATE_MODES)}")
+    if not cfg.methods:
+        raise UserError("methods is empty; give at least one, e.g. methods: [{name: ce}]")
+    built = {"purify": pipeline.validate(purify_config(cfg, cfg.noise[0], cfg.seeds[0]))}
+    for n in cfg.noise[1:]:
+        pipeline.validate(purify_config(cfg, n, cfg.seeds[0]))
+    labels = [method_label(m) for m in cfg.methods]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise UserError(f"methods lists {dup[0]!r} twice; give each entry its own label (methods[i].label)")
+    built["methods"] = [build_method(m, f"methods[{i}]") for i, m in enumerate(cfg.methods)]
+    resolve_device(cfg.device)
+    return built
+
+
+def grid(cfg: BenchConfig) -> list[RunSpec]:
+    return [RunSpec(n, s, m, a) for n in cfg.noise for s in cfg.seeds for m in cfg.methods for a in cfg.arms]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one cell
+
+
+def arm_labels(arm: str, art) -> np.ndarray:
+    """The training labels of an arm: (N,) int64 hard labels or (N, C) float32 distributions."""
+    if arm == "noisy":
+        y = art.noisy.copy()
+        y[art.meta_indices] = art.meta_labels  # the same M trusted labels the purified arm spent
+        return y
+    if arm == "purified":
+        return art.hard.copy()
+    return art.soft.astype(np.float32, copy=True)
+
+
+def wrong_fraction(labels: np.ndarray, truth: np.ndarray | None) -> float | None:
+    if truth is None:
+        return None
+    hard = labels.argmax(1) if labels.ndim == 2 else labels
+    return float(np.mean(hard != truth))
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _purify_cell(cfg: BenchConfig, noise: NoiseConfig, seed: int, data, views, built, device, out: Path,
+                 progress: bool):
+    """The labels artifact of one (noise, seed) cell: reused from ``out/purify/...`` when its key matches."""
+    from dmlp_plugin import pipeline  # noqa: PLC0415
+    from dmlp_plugin.artifacts import load_labels, save_labels  # noqa: PLC0415
+    from dmlp_plugin.atomic import write_json  # noqa: PLC0415
+
+    pcfg = purify_config(cfg, noise, seed)
+    key = _hash({"format": FORMAT_VERSION, "config": to_dict(pcfg), "features": views.provenance,
+                 "data": data.train.fingerprint()})
+    folder = out / "purify" / f"{noise_tag(noise)}-s{seed}"
+    metrics = _read_json(folder / "metrics.json")
+    if metrics is not None and metrics.get("bench_key") == key and (folder / "labels.npz").is_file():
+        try:
+            return load_labels(folder / "labels.npz", data.train.fingerprint()), metrics, key
+        except UserError:
+            pass  # damaged: purify again
+    p = pipeline.purify_labels(pcfg, data, views, built["purify"], device, progress, raw=to_dict(pcfg))
+    metrics = {**p.metrics, "bench_key": key}
+    save_labels(folder / "labels.npz", p.artifact)
+    write_json(folder / "history.json", p.result.history)
+    write_json(folder / "metrics.json", metrics)
+    return p.artifact, metrics, key
+
+
+def _train_cell(spec: RunSpec, trainer, art, data, purify_key: str, cfg: BenchConfig, device: str,
+                out: Path, progress: bool) -> dict:
+    """Train one method on one arm; returns the run record (reused when its key matches)."""
+    from baselines.common import TrainData  # noqa: PLC0415
+    from dmlp_plugin.atomic import write_json  # noqa: PLC0415
+
+    folder = out / "runs" / spec.run_id
+    key = _hash({"format": FORMAT_VERSION, "method": dataclasses.asdict(trainer), "name": spec.method.name,
+                 "arm": spec.arm, "purify": purify_key, "noise_rate": cfg.noise_rate,
+                 "test": data.test.fingerprint()})
+    done = _read_json(folder / "result.json")
+    if done is not None and done.get("key") == key:
+        done["reused"] = True
+        return done
+    truth = art.true_labels
+    labels = arm_labels(spec.arm, art)
+    wrong = wrong_fraction(labels, truth)
+    known = cfg.noise_rate == "known" and wrong is not None
+    td = TrainData(data.train.images, labels, data.test.images, data.test.labels, data.train.num_classes,
+                   noise_rate=min(wrong, 0.999) if known else None,
+                   noise_rate_source="known: measured against the true labels (oracle)" if known else None)
+    ckpt = folder / "checkpoint"
+    if done is not None:  # a finished run of other settings: start this one afresh
+        shutil.rmtree(folder, ignore_errors=True)
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    res = trainer.run(td, device=dev, seed=spec.seed, progress=progress, checkpoint_dir=ckpt, true_labels=truth)
+    record = {
+        "method": spec.method.name, "method_label": method_label(spec.method), "preset": spec.method.preset,
+        "labels": spec.arm, "seed": spec.seed, "noise": {"kind": spec.noise.kind, "rate": spec.noise.rate},
+        "noise_tag": noise_tag(spec.noise), "test_accuracy": float(res.test_accuracy),
+        "seconds": float(res.seconds), "label_accuracy": None if wrong is None else 1.0 - wrong,
+        "trusted_size": int(art.meta_indices.size), "run_id": spec.run_id, "key": key,
+        "curve": res.curve, "info": res.info,
+    }
+    write_json(folder / "result.json", record)
+    shutil.rmtree(ckpt, ignore_errors=True)  # finished: the checkpoint is no longer needed
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole run
+
+
+CSV_FIELDS = ("noise_tag", "method", "method_label", "labels", "seed", "test_accuracy", "label_accuracy",
+              "trusted_size", "seconds", "run_id")
+
+
+def results_csv(records: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in records:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progress: bool = True) -> list[dict]:
+    """Run (or resume) the grid of ``cfg`` into ``out``; returns the run records in grid order."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from dmlp_plugin import pipeline  # noqa: PLC0415
+    from dmlp_plugin.atomic import write_json, write_text  # noqa: PLC0415
+    from dmlp_plugin.bench_report import write_bench_report  # noqa: PLC0415
+
+    out = Path(out)
+    pipeline.check_out_dir(out)
+    built = validate_bench(cfg)
+    device = resolve_device(cfg.device)
+    first = purify_config(cfg, cfg.noise[0], cfg.seeds[0])
+    data = pipeline.load_data(first)
+    if data.test is None:
+        raise UserError(f"dataset {cfg.dataset.name!r} has no test split, which the benchmark scores on; "
+                        f"give dataset.params that keep one (e.g. test_fraction: 0.2)")
+    t0 = time.perf_counter()
+    views = pipeline.make_views(first, data, device, built["purify"], progress)
+    feature_seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", pipeline.yaml_dump(raw or to_dict(cfg)))
+
+    specs = grid(cfg)
+    trainers = {method_label(m): t for m, t in zip(cfg.methods, built["methods"])}
+    records: list[dict] = []
+    purifications: dict[str, dict] = {}
+    bar = tqdm(total=len(specs), desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
+    try:
+        cell = None
+        for spec in specs:
+            if cell is None or cell[0] != (noise_tag(spec.noise), spec.seed):
+                bar.set_description(f"bench: purify {noise_tag(spec.noise)} seed {spec.seed}")
+                art, pmetrics, pkey = _purify_cell(cfg, spec.noise, spec.seed, data, views, built, device, out,
+                                                   progress)
+                purifications[f"{noise_tag(spec.noise)}-s{spec.seed}"] = pmetrics
+                cell = ((noise_tag(spec.noise), spec.seed), art, pkey)
+            bar.set_description(f"bench: {spec.method.name} on {spec.arm} ({noise_tag(spec.noise)}, seed {spec.seed})")
+            rec = _train_cell(spec, trainers[method_label(spec.method)], cell[1], data, cell[2], cfg, device, out,
+                              progress)
+            records.append(rec)
+            write_json(out / "results.json", [_public(r) for r in records])
+            write_text(out / "results.csv", results_csv(records))
+            bar.update(1)
+    finally:
+        bar.close()
+    summary = {"features": views.provenance, "feature_seconds": feature_seconds, "device": device,
+               "config_hash": pipeline.config_hash(raw or to_dict(cfg)), "versions": pipeline.versions(),
+               "preprocessor": {"name": cfg.preprocessor.name, "params": cfg.preprocessor.params},
+               "trusted": to_dict(cfg.trusted), "noise_rate": cfg.noise_rate, "seeds": list(cfg.seeds),
+               "arms": list(cfg.arms), "dataset": cfg.dataset.name,
+               "n_train": len(data.train), "n_test": len(data.test), "num_classes": data.train.num_classes}
+    write_json(out / "purification.json", purifications)
+    write_bench_report(out, records, purifications, summary)
+    return records
+
+
+def _public(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k != "reused"}

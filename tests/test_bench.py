@@ -1,0 +1,117 @@
+"""`dmlp bench` as a user runs it: the A/B grid, a fair noisy arm, the files it writes, resuming, bad configs."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmlp_plugin import bench
+from dmlp_plugin.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+# raw pixels (no SSL training), a short purifier and a 2-epoch CE: the whole path in seconds
+FAST = ["--no-progress", "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 4}",
+        "--set", "seeds=[0]", "--set", "methods=[{name: ce, params: {epochs: 2}}]"]
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    code = main(["bench", DEMO, "--out", str(out), *FAST])
+    assert code == 0
+    return out
+
+
+def test_bench_writes_results_report_and_plots(ran):
+    files = {p.name for p in ran.iterdir()}
+    assert {"results.json", "results.csv", "report.md", "ab_accuracy.png", "ab_deltas.png", "curves.png",
+            "purification.json", "config.yaml"} <= files
+    runs = json.loads((ran / "results.json").read_text())
+    assert [(r["method"], r["labels"], r["seed"]) for r in runs] == [("ce", "noisy", 0), ("ce", "purified", 0)]
+    for r in runs:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["seconds"] > 0
+        assert r["test_accuracy"] == r["curve"][-1]["test_accuracy"]  # the last epoch, not the best
+        assert r["trusted_size"] == 40  # 3% of 1,437 = 43, balanced: 4 per class
+    noisy, purified = runs
+    # purification made the training labels better, and the report says by how much
+    assert purified["label_accuracy"] > noisy["label_accuracy"] + 0.3
+    rows = list(csv.DictReader((ran / "results.csv").open()))
+    assert len(rows) == 2 and {"method", "labels", "seed", "test_accuracy", "seconds"} <= set(rows[0])
+    report = (ran / "report.md").read_text()
+    assert re.search(r"\| symmetric-80 \| ce \| purified \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \|", report)
+    assert "M = 40" in report and "LAST epoch" in report
+
+
+def test_noisy_arm_spends_the_same_trusted_labels(ran):
+    from dmlp_plugin.artifacts import load_labels
+
+    art = load_labels(ran / "purify" / "symmetric-80-s0" / "labels.npz")
+    noisy_arm = bench.arm_labels("noisy", art)
+    np.testing.assert_array_equal(noisy_arm[art.meta_indices], art.meta_labels)
+    rest = np.setdiff1d(np.arange(len(noisy_arm)), art.meta_indices)
+    np.testing.assert_array_equal(noisy_arm[rest], art.noisy[rest])
+    np.testing.assert_array_equal(bench.arm_labels("purified", art), art.hard)
+    soft = bench.arm_labels("purified_soft", art)
+    assert soft.shape == art.soft.shape and soft.dtype == np.float32
+
+
+def test_rerun_skips_finished_runs(ran, monkeypatch, capsys):
+    from baselines.ce import CE
+
+    def fail(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(CE, "run", fail)
+    before = json.loads((ran / "results.json").read_text())
+    assert main(["bench", DEMO, "--out", str(ran), *FAST]) == 0
+    after = json.loads((ran / "results.json").read_text())
+    assert [r["test_accuracy"] for r in after] == [r["test_accuracy"] for r in before]
+    assert "ce" in capsys.readouterr().out
+
+
+def test_changed_settings_rerun_only_what_changed(ran, monkeypatch):
+    from baselines.ce import CE
+
+    calls = []
+    real = CE.run
+
+    def spy(self, data, **kw):
+        calls.append(self.epochs)
+        return real(self, data, **kw)
+
+    monkeypatch.setattr(CE, "run", spy)
+    args = [a if a != "methods=[{name: ce, params: {epochs: 2}}]" else "methods=[{name: ce, params: {epochs: 1}}]"
+            for a in FAST]
+    assert main(["bench", DEMO, "--out", str(ran), *args]) == 0
+    assert calls == [1, 1]
+    runs = json.loads((ran / "results.json").read_text())
+    assert all(len(r["curve"]) == 1 for r in runs)
+
+
+BAD = [
+    (["--set", "methods=[{name: dividemixx}]"], r"unknown method 'dividemixx' \(did you mean 'dividemix'"),
+    (["--set", "methods=[{name: ce, preset: huge}]"], r"methods\[0\] \(ce\).*unknown preset 'huge'"),
+    (["--set", "methods=[{name: ce, params: {epoch: 3}}]"], r"methods\[0\] \(ce\).*no field\(s\) \['epoch'\]"),
+    (["--set", "methods=[{name: ce, params: {lr: -1}}]"], r"methods\[0\] \(ce\).*lr=-1"),
+    (["--set", "arms=[noisy, cleaned]"], r"unknown arm 'cleaned'"),
+    (["--set", "seeds=[]"], r"seeds is empty"),
+    (["--set", "noise=[{kind: symmetric, rate: 1.2}]"], r"noise\.rate=1\.2 is outside \[0, 1\)"),
+    (["--set", "noise=[{kind: symmetric, rat: 0.2}]"], r"unknown key 'rat'.*did you mean 'rate'"),
+    (["--set", "methods=[{name: ce}, {name: ce}]"], r"lists 'ce' twice"),
+    (["--set", "dataset.params={test_fraction: 0}"], r"no test split"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[b[0][-1] for b in BAD])
+def test_bad_bench_config_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code = main(["bench", DEMO, "--out", str(out), "--no-progress", "--set", "features.source=raw", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not out.exists()
