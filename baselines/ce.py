@@ -29,7 +29,7 @@ PRESETS = {
     "cifar10": dict(backbone="resnet18", cifar_stem=True, image_size=None, epochs=300, batch_size=128, lr=0.02,
                     momentum=0.9, weight_decay=5e-4, milestones=(150,), gamma=0.1, augment=True, crop_pad=4,
                     hflip=True, mixed_precision="auto"),
-    # scikit-learn digits (8x8 grey, 1,437 training images) on a 2-core CPU: see benchmarks/baselines_digits.py
+    # scikit-learn digits (8x8 grey, 1,437 training images) on a 2-core CPU: configs/baselines-digits.yaml
     "small": dict(backbone="test_resnet", cifar_stem=False, image_size=16, epochs=30, batch_size=64, lr=0.05,
                   momentum=0.9, weight_decay=5e-4, milestones=(20,), gamma=0.1, augment=True, crop_pad=2,
                   hflip=False, mixed_precision="auto"),

@@ -192,11 +192,9 @@ def _check_int(cfg, name: str, lo: int) -> None:
 
 def _check_milestones(cfg) -> None:
     m = cfg.milestones
-    try:
-        ms = tuple(m)
-    except TypeError:
-        ms = None
-    if ms is None or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in ms) or list(ms) != sorted(set(ms)):
+    ms = tuple(m) if isinstance(m, (list, tuple)) else None
+    bad = ms is None or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in ms)
+    if bad or list(ms) != sorted(set(ms)):
         raise UserError(f"{type(cfg).__name__}.milestones={m!r}: give increasing positive epoch numbers, e.g. [150]")
     object.__setattr__(cfg, "milestones", ms)
 
@@ -228,8 +226,9 @@ PRESETS = {
                      momentum=0.9, weight_decay=1e-3, beta=0.9, lam=7.0, lr_schedule="step", restart_period=10,
                      eta_min=1e-3, milestones=(80, 120), gamma=0.01, init_targets_from_labels=False, augment=True,
                      crop_pad=4, hflip=True, mixed_precision="auto"),
-    # scikit-learn digits (8x8 grey, 1,437 training images) on a 2-core CPU, tuned so ELR beats CE's small
-    # preset at 50% symmetric noise (measurements in the report of the session that added this file)
+    # scikit-learn digits (8x8 grey, 1,437 training images) on a 2-core CPU: CE small's lr and step schedule,
+    # ELR's weight decay. Last-epoch test accuracy, symmetric noise (DivideMix convention), seeds 0/1:
+    # 50%: 0.981/0.983 (CE small 0.931/0.883); 80%: 0.897/0.881 (CE 0.664/0.722). About as fast as CE.
     "small": dict(backbone="test_resnet", cifar_stem=False, image_size=16, epochs=30, batch_size=64, lr=0.05,
                   momentum=0.9, weight_decay=1e-3, beta=0.7, lam=3.0, lr_schedule="step", restart_period=10,
                   eta_min=1e-3, milestones=(20,), gamma=0.1, init_targets_from_labels=False, augment=True,
@@ -363,7 +362,9 @@ PLUS_PRESETS = {
                      coef_rampup_steps=40000, mixup_alpha=1.0, ema_decay=0.997, ema_rampup_steps=40000,
                      reweight_labels=True, init_targets_from_labels=False, augment=True, crop_pad=4, hflip=True,
                      mixed_precision="auto"),
-    # scikit-learn digits on a 2-core CPU (23 steps per epoch): ramps shortened in proportion
+    # scikit-learn digits on a 2-core CPU (23 steps per epoch, so the EMA ramp is 300 steps, not 40,000).
+    # Last-epoch test accuracy, symmetric noise, seeds 0/1: 50%: 0.978/0.981 (CE small 0.931/0.883); 80%:
+    # 0.886/0.875 (CE 0.664/0.722). About twice the time of a CE small run (two nets + EMA forwards).
     "small": dict(backbone="test_resnet", cifar_stem=False, image_size=16, epochs=24, batch_size=64, lr=0.05,
                   momentum=0.9, weight_decay=5e-4, milestones=(16,), gamma=0.1, beta=0.7, lam=3.0,
                   coef_rampup_steps=0, mixup_alpha=1.0, ema_decay=0.997, ema_rampup_steps=300,

@@ -8,7 +8,7 @@ stratified 5-fold cross-validation. Raw standardised pixels are the reference.
     .venv/bin/python benchmarks/ssl_quality.py --list
 
 Prints a Markdown table (setting, SSL seconds, final loss, kNN acc, linear acc); ``--json PATH`` also saves
-the rows. Runs with 2 torch threads (the CPU is shared).
+the rows. Runs with 2 torch threads unless --threads says otherwise.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
                                                              "the 80%% train split of the demo)")
     ap.add_argument("--json", default="", help="also write the rows to this JSON file")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     args = ap.parse_args(argv)
     if args.list:
         for k, v in SETTINGS.items():
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     import torch
     import yaml
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     common = {}
     for item in args.set:
         k, v = item.split("=", 1)

@@ -14,12 +14,6 @@ from baselines.coteaching import (PRESETS, CoTeaching, adam_plan, coteaching_los
 from dmlp_plugin.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (runs after conftest's fixture): the tiny runs gain nothing from two, and two
-    threads on a shared, busy 2-core CPU made a 3-epoch run ~25x slower (OpenMP oversubscription)."""
-    torch.set_num_threads(1)
-    yield
 
 # ------------------------------------------------------------------------------------------- schedule
 

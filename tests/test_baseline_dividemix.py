@@ -43,8 +43,15 @@ def noisy_easy_data(n=320, n_test=80, rate=0.4, seed=0, soft=False):
     return data, y[:n]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread (the machine's cores are shared); runs after conftest's fixture."""
+    torch.set_num_threads(1)
+    yield
+
+
 TINY = dict(backbone="test_resnet", cifar_stem=False, image_size=None, epochs=3, warm_up=2, batch_size=32,
-            warmup_batch_size=32, lr=0.05, milestones=(), crop_pad=1, hflip=False, rampup_length=1.0,
+            warmup_batch_size=32, lr=0.02, milestones=(), crop_pad=1, hflip=False, rampup_length=1.0,
             lambda_u=25.0, p_threshold=0.5)
 
 
@@ -206,7 +213,7 @@ def test_short_run_divides_well_and_returns_a_sane_result():
     """Two warm-up epochs on easy images with 40% wrong labels, then one DivideMix epoch: the GMM split of
     the real per-sample losses separates the clean samples (AUC > 0.9) and the labelled sets are mostly
     clean."""
-    data, truth = noisy_easy_data()
+    data, truth = noisy_easy_data(n=480)
     result = DivideMix(**TINY).run(data, device="cpu", seed=0, progress=False, true_labels=truth)
     assert isinstance(result, RunResult)
     assert [r["epoch"] for r in result.curve] == [1, 2, 3]
@@ -216,9 +223,9 @@ def test_short_run_divides_well_and_returns_a_sane_result():
     assert 0.0 <= result.test_accuracy <= 1.0 and result.test_accuracy > 0.5  # chance is 0.25
     for k in (1, 2):
         assert last[f"auc_net{k}"] > 0.9
-        assert last[f"precision_net{k}"] > 0.8  # 60% of the labels are right
+        assert last[f"precision_net{k}"] > 0.85  # 60% of the labels are right
         assert 0.3 < last[f"labelled_fraction_net{k}"] < 0.9
-    assert all(np.isfinite(r["train_loss"]) and r["lr"] == 0.05 for r in result.curve)
+    assert all(np.isfinite(r["train_loss"]) and r["lr"] == 0.02 for r in result.curve)
     assert last["lambda_u_ramped"] > 0
     info = result.info
     assert info["method"] == "dividemix" and info["accuracy_reported"] == "last epoch"

@@ -16,10 +16,6 @@ from baselines.elr import (ELR, PLUS_PRESETS, PRESETS, ELRPlus, clamped_probs, d
 from dmlp_plugin.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # tiny networks: one thread is as fast, and the CPU is shared
-    yield
 
 # ------------------------------------------------------------------------------------------- mechanism
 
@@ -211,12 +207,23 @@ def check_result(result, epochs):
     assert result.info["accuracy_reported"] == "last epoch" and result.seconds > 0
 
 
-def test_elr_short_run_with_soft_labels_and_target_init():
+def test_elr_short_run_with_soft_labels_and_target_init(monkeypatch):
+    written = []
+    real_write = elr_mod.write_rows
+
+    def spy(table, idx, rows):
+        written.append(idx.tolist())
+        return real_write(table, idx, rows)
+
+    monkeypatch.setattr(elr_mod, "write_rows", spy)
     data, truth = tiny_data(soft=True)
     cfg = ELR(**SHORT, epochs=3, lr=0.05, lr_schedule="cosine_restart", restart_period=2,
               init_targets_from_labels=True)
     result = cfg.run(data, device="cpu", seed=0, progress=False, true_labels=truth)
     check_result(result, 3)
+    n = len(truth)
+    per_epoch = [sum(written[e * 2:(e + 1) * 2], []) for e in range(3)]  # 2 batches of 16 per epoch
+    assert len(written) == 6 and all(sorted(ix) == list(range(n)) for ix in per_epoch)
     assert result.info["labels"] == "soft" and result.info["method"] == "elr"
     assert [r["lr"] for r in result.curve] == pytest.approx([0.05, 0.0255, 0.05])
 
@@ -229,10 +236,26 @@ def test_elr_plus_short_run_mixes_inputs_labels_and_targets_alike(monkeypatch):
         calls.append((lam, perm))
         return real_mix(t, lam, perm)
 
+    events, hooked = [], set()
+    real_update = elr_mod.update_ema
+
+    def ema_spy(ema, model, alpha):  # from the first update on, log which EMA net runs forward
+        if id(ema) not in hooked:
+            hooked.add(id(ema))
+            ema.register_forward_hook(lambda m, i, o: events.append(("forward", id(m))))
+        events.append(("update", id(ema)))
+        return real_update(ema, model, alpha)
+
     monkeypatch.setattr(elr_mod, "mix", spy)
+    monkeypatch.setattr(elr_mod, "update_ema", ema_spy)
     data, truth = tiny_data()
     cfg = ELRPlus(**SHORT, epochs=2, lr=0.05, milestones=(1,), ema_rampup_steps=4)
     result = cfg.run(data, device="cpu", seed=0, progress=False, true_labels=truth)
+    # each network's targets come from the OTHER network's EMA: the EMA that ran forward before an update is
+    # never the one being updated
+    pairs = [(events[i - 1][1], ev[1]) for i, ev in enumerate(events) if ev[0] == "update" and i > 0
+             and events[i - 1][0] == "forward"]
+    assert len(hooked) == 2 and len(pairs) >= 5 and all(fwd != upd for fwd, upd in pairs)
     check_result(result, 2)
     assert [r["lr"] for r in result.curve] == pytest.approx([0.05, 0.005])
     assert {"train_loss_1", "train_loss_2", "target_accuracy_1", "target_accuracy_2"} <= set(result.curve[0])
