@@ -22,8 +22,9 @@ random crop (pad 4) + horizontal flip, GMM max_iter 10, tol 1e-2, reg_covar 5e-4
 follow the paper's per-setting table (:func:`paper_settings`; the code's argparse defaults 25 / 0.5 are NOT
 the paper's): CIFAR-10 sym 20% 0/0.5, 50% 25/0.5, 80% 25/0.5, 90% 50/0.6, asym 40% 0/0.5; CIFAR-100 sym
 20% 25/0.5, 50% 150/0.5, 80% 150/0.5, 90% 150/0.6. The table is keyed by the noise rate: leaving lambda_u /
-p_threshold as None uses ``data.noise_rate`` (with known noise that is an oracle fact; the run's info
-says so).
+p_threshold as None uses ``data.noise_rate``, read as the nominal rate or as the measured wrong fraction,
+whichever is nearer a tabulated setting (:func:`paper_entry`); with known noise that is an oracle fact,
+and the run's info says so.
 
 Deviations from the official code (each deliberate): the number of epochs is ``epochs`` (not epochs + 1);
 every random draw comes from seeded per-epoch streams (common.py), so a resumed run is bitwise the run
@@ -31,7 +32,10 @@ that was not interrupted; loss buffers are sized by the data (the official hard-
 unlabelled loader is restarted by creating a new seeded pass (the official ``iterator.next()`` fails on
 current PyTorch); an empty unlabelled set trains on the labelled part alone and an empty labelled set
 skips that network's step for the epoch (the official code crashes on both); constant losses (nothing to
-divide) give w = 1 for every sample (the official min-max normalisation divides by zero).
+divide) give w = 1 for every sample (the official min-max normalisation divides by zero); a batch of one
+image (train-mode batch norm cannot normalise it) is skipped in the warm-up and guessed together with its
+second augmentation in the DivideMix phase. The "small" preset shortens the lambda_u ramp to 4 epochs
+(official 16 of 300) to fit its 15-epoch budget.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ PAPER_TABLE = {
     ("cifar10", "asymmetric"): {0.4: (0.0, 0.5)},
     ("cifar100", "symmetric"): {0.2: (25.0, 0.5), 0.5: (150.0, 0.5), 0.8: (150.0, 0.5), 0.9: (150.0, 0.6)},
 }
+CURVE_KEYS = ("epoch", "test_accuracy", "train_loss", "lr", "phase", "lambda_u_ramped", "labelled_fraction_net1",
+              "labelled_fraction_net2", "auc_net1", "auc_net2", "precision_net1", "precision_net2")
 # At 90% noise the official code fits the GMM to the mean of the last 5 epochs' losses.
 HISTORY_RATE, HISTORY_LENGTH = 0.9, 5
 
@@ -70,8 +76,13 @@ HISTORY_RATE, HISTORY_LENGTH = 0.9, 5
 
 def paper_entry(noise_kind: str, noise_rate: float, num_classes: int) -> dict:
     """The paper's setting nearest to (noise_kind, noise_rate, num_classes): which table (CIFAR-10 for up to
-    31 classes, CIFAR-100 above: nearest on a log scale), which tabulated rate (nearest), lambda_u and
-    p_threshold."""
+    31 classes, CIFAR-100 above: nearest on a log scale), which tabulated rate, lambda_u and p_threshold.
+
+    The table is keyed by the NOMINAL rate r of DivideMix's symmetric convention, under which only
+    r * (1 - 1/C) of the labels end up wrong (90% -> 81% on CIFAR-10). noise_rate may be either reading
+    (the brief's nominal rate, or the measured wrong fraction that ``dmlp bench`` passes): the setting whose
+    nominal or expected measured rate is nearest wins, so 0.9 and 0.81 both pick the 90% row, 0.8 and 0.72
+    the 80% row."""
     if noise_kind not in NOISE_KINDS:
         raise UserError(f"noise_kind={noise_kind!r}: choose one of {', '.join(NOISE_KINDS)} (class-dependent "
                         f"noise such as pairflip or human labels is closest to 'asymmetric')")
@@ -83,10 +94,18 @@ def paper_entry(noise_kind: str, noise_rate: float, num_classes: int) -> dict:
     if rows is None:
         raise UserError(f"the DivideMix paper has no {noise_kind} setting for {table} ({num_classes} classes); "
                         f"set lambda_u and p_threshold explicitly")
-    rate = min(rows, key=lambda r: (abs(r - float(noise_rate)), r))
+    x, keep = float(noise_rate), 1.0 - 1.0 / int(num_classes)
+
+    def distance(r):
+        nominal, measured = abs(x - r), abs(x - r * keep) if noise_kind == "symmetric" else float("inf")
+        return min(nominal, measured), r
+
+    rate = min(rows, key=distance)
     lambda_u, p_threshold = rows[rate]
-    return {"table": table, "noise_kind": noise_kind, "tabulated_rate": rate, "lambda_u": lambda_u,
-            "p_threshold": p_threshold}
+    reading = ("nominal" if noise_kind != "symmetric" or abs(x - rate) <= abs(x - rate * keep)
+               else f"measured wrong fraction (nominal x (1 - 1/C) = {rate * keep:.3f})")
+    return {"table": table, "noise_kind": noise_kind, "tabulated_rate": rate, "matched_as": reading,
+            "lambda_u": lambda_u, "p_threshold": p_threshold}
 
 
 def paper_settings(noise_kind: str, noise_rate: float, num_classes: int) -> tuple[float, float]:
@@ -214,9 +233,13 @@ PRESETS = {
                      rampup_length=16.0, loss_history=None, noise_kind="symmetric", warmup_penalty=None,
                      augment=True, crop_pad=4, hflip=True, mixed_precision="auto"),
     # scikit-learn digits (8x8 grey, 1,437 training images) on a 2-core CPU, tuned against CE's "small"
-    # preset (see the module's report in tests/test_baseline_dividemix.py's header for the numbers).
-    "small": dict(backbone="test_resnet", cifar_stem=False, image_size=16, epochs=18, warm_up=6, batch_size=64,
-                  warmup_batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=(14,), gamma=0.1,
+    # preset (same backbone, image size, lr, crop). Last-epoch test accuracy, seeds 0 / 1, DivideMix-convention
+    # symmetric noise (torch 1 thread, ~1 min at 50%, ~1.5 min at 5% where the labelled set is largest):
+    #   5%: 0.981 / 0.981 (CE 0.986 / 0.994); 50%: 0.981 / 0.969 (CE 0.931 / 0.883);
+    #   80%: 0.917 / 0.928 (CE 0.664 / 0.722). epochs=18, milestones=(14,) gave 0.950 / 0.950 at 80% but
+    #   ~105 s at 5%.
+    "small": dict(backbone="test_resnet", cifar_stem=False, image_size=16, epochs=15, warm_up=6, batch_size=64,
+                  warmup_batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=(12,), gamma=0.1,
                   lambda_u=None, p_threshold=None, temperature=0.5, mix_alpha=4.0, rampup_length=4.0,
                   loss_history=None, noise_kind="symmetric", warmup_penalty=None, augment=True, crop_pad=2,
                   hflip=False, mixed_precision="auto"),
@@ -268,8 +291,6 @@ class DivideMix:
 
         if isinstance(self.warm_up, bool) or not isinstance(self.warm_up, int) or self.warm_up < 0:
             bad("warm_up", self.warm_up, "give the number of CE warm-up epochs, an integer >= 0")
-        if self.warm_up >= self.epochs:
-            bad("warm_up", self.warm_up, f"must be below epochs={self.epochs} (otherwise no DivideMix epoch runs)")
         if (isinstance(self.warmup_batch_size, bool) or not isinstance(self.warmup_batch_size, int)
                 or self.warmup_batch_size < 1):
             bad("warmup_batch_size", self.warmup_batch_size, "give a positive integer (official: 2 x batch_size)")
@@ -310,35 +331,38 @@ class DivideMix:
         """lambda_u, p_threshold, loss_history and warm-up penalty for ``data``, with where each came from."""
         need_table = self.lambda_u is None or self.p_threshold is None
         entry = None
-        if need_table:
-            if data.noise_rate is None:
+        if data.noise_rate is None:
+            if need_table:
                 raise UserError("DivideMix: lambda_u / p_threshold are None (the paper's table, keyed by the noise "
                                 "rate) but data.noise_rate is None; give the noise rate or set lambda_u and "
                                 "p_threshold")
-            entry = paper_entry(self.noise_kind, data.noise_rate, data.num_classes)
+        else:
+            try:
+                entry = paper_entry(self.noise_kind, data.noise_rate, data.num_classes)
+            except UserError:
+                if need_table:
+                    raise
         table_src = None if entry is None else (
-            f"paper table ({entry['table']}, {entry['noise_kind']}, nearest tabulated rate "
-            f"{entry['tabulated_rate']} to data.noise_rate={data.noise_rate})")
+            f"paper table ({entry['table']}, {entry['noise_kind']} {entry['tabulated_rate']:.0%} row; "
+            f"data.noise_rate={data.noise_rate} read as the {entry['matched_as']})")
         out = {"lambda_u": float(self.lambda_u if self.lambda_u is not None else entry["lambda_u"]),
                "lambda_u_source": "config" if self.lambda_u is not None else table_src,
                "p_threshold": float(self.p_threshold if self.p_threshold is not None else entry["p_threshold"]),
                "p_threshold_source": "config" if self.p_threshold is not None else table_src}
         if self.loss_history is not None:
             out["loss_history"], out["loss_history_source"] = self.loss_history, "config"
-        elif data.noise_rate is None:
-            out["loss_history"], out["loss_history_source"] = 1, "official rule; noise rate unknown, no averaging"
+        elif entry is None:
+            out["loss_history"], out["loss_history_source"] = 1, "official rule; no paper setting known, no averaging"
         else:
-            # the 90% setting is the nearest tabulated rate from 0.85 up
-            at_90 = self.noise_kind == "symmetric" and float(data.noise_rate) > (HISTORY_RATE + 0.8) / 2
+            at_90 = entry["noise_kind"] == "symmetric" and entry["tabulated_rate"] == HISTORY_RATE
             out["loss_history"] = HISTORY_LENGTH if at_90 else 1
-            out["loss_history_source"] = (f"official rule (5-epoch loss average at 90% noise) at "
-                                          f"data.noise_rate={data.noise_rate}")
-        uses_rate = need_table or self.loss_history is None
+            out["loss_history_source"] = f"official rule (5-epoch loss average at 90% noise): {table_src}"
+        uses_rate = need_table or (self.loss_history is None and entry is not None)
         out["oracle_note"] = (
             f"the paper's settings are keyed by the (nominal, DivideMix-convention) noise rate; "
             f"data.noise_rate={data.noise_rate} (source: {data.noise_rate_source}) was used to pick them"
             + (" - with the true noise rate this is an oracle fact in the noisy arm"
-               if data.noise_rate_source in (None, "known") else "")
+               if data.noise_rate_source is None or str(data.noise_rate_source).startswith("known") else "")
             if uses_rate and data.noise_rate is not None else "no noise-rate-keyed setting was used")
         penalty = self.warmup_penalty if self.warmup_penalty is not None else self.noise_kind == "asymmetric"
         out["warmup_penalty"] = bool(penalty)
@@ -425,8 +449,8 @@ class DivideMix:
                 row.update(phase="dividemix", train_loss=mean_across(accelerator, total, count),
                            lambda_u_ramped=float(lamb))
             acc = evaluate(accelerator, nets, test_loader, t["test_labels"], self.image_size)
-            first = {"epoch": epoch + 1, "test_accuracy": acc, "train_loss": row.pop("train_loss"), "lr": lr}
-            state.curve.append({**first, **row})
+            row.update(test_accuracy=acc, lr=lr)
+            state.curve.append({key: row[key] for key in CURVE_KEYS})
             state.seconds += time.perf_counter() - t0
             state.epoch = epoch + 1
             save_checkpoint(accelerator, checkpoint_dir, meta)
@@ -434,6 +458,7 @@ class DivideMix:
         info = base_info("dividemix", self, data, seed, accelerator)
         info.update({k: v for k, v in settings.items()})
         info["resumed_at_epoch"] = resumed_at
+        info["dividemix_epochs"] = max(0, self.epochs - self.warm_up)  # 0: warm-up (CE) only
         info["backbone_note"] = ("the paper uses PreAct ResNet-18; the cifar presets use timm resnet18 with a "
                                  "CIFAR stem (stride-1 first conv, no max-pool)")
         info["test_rule"] = "argmax of the sum of both networks' logits"

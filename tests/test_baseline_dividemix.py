@@ -43,13 +43,6 @@ def noisy_easy_data(n=320, n_test=80, rate=0.4, seed=0, soft=False):
     return data, y[:n]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread (the machine's cores are shared); runs after conftest's fixture."""
-    torch.set_num_threads(1)
-    yield
-
-
 TINY = dict(backbone="test_resnet", cifar_stem=False, image_size=None, epochs=3, warm_up=2, batch_size=32,
             warmup_batch_size=32, lr=0.02, milestones=(), crop_pad=1, hflip=False, rampup_length=1.0,
             lambda_u=25.0, p_threshold=0.5)
@@ -151,6 +144,9 @@ def test_linear_rampup():
     ("symmetric", 0.2, 100, (25.0, 0.5)), ("symmetric", 0.5, 100, (150.0, 0.5)),
     ("symmetric", 0.8, 100, (150.0, 0.5)), ("symmetric", 0.9, 100, (150.0, 0.6)),
     ("symmetric", 0.05, 10, (0.0, 0.5)), ("symmetric", 0.45, 10, (25.0, 0.5)),  # nearest tabulated rate
+    # the measured wrong fraction of DivideMix's symmetric noise, r * (1 - 1/C), picks the same row
+    ("symmetric", 0.81, 10, (50.0, 0.6)), ("symmetric", 0.72, 10, (25.0, 0.5)), ("symmetric", 0.711, 10, (25.0, 0.5)),
+    ("symmetric", 0.891, 100, (150.0, 0.6)), ("asymmetric", 0.2, 10, (0.0, 0.5)),
 ])
 def test_paper_settings_table(kind, rate, classes, expected):
     assert paper_settings(kind, rate, classes) == expected
@@ -175,6 +171,10 @@ def test_settings_record_where_they_came_from():
     at90 = TrainData(x[:20], y[:20], x[20:], y[20:], 4, noise_rate=0.9, noise_rate_source="known")
     s = DivideMix().settings(at90)
     assert (s["lambda_u"], s["p_threshold"], s["loss_history"]) == (50.0, 0.6, 5)
+    measured90 = TrainData(x[:20], y[:20], x[20:], y[20:], 4, noise_rate=0.68,  # 0.9 * (1 - 1/4) wrong
+                           noise_rate_source="known: measured against the true labels (oracle)")
+    s = DivideMix(lambda_u=1.0, p_threshold=0.5).settings(measured90)
+    assert s["loss_history"] == 5 and "measured" in s["loss_history_source"] and "oracle" in s["oracle_note"]
     unknown = TrainData(x[:20], y[:20], x[20:], y[20:], 4)
     with pytest.raises(UserError, match="noise_rate"):
         DivideMix().settings(unknown)
@@ -184,7 +184,7 @@ def test_settings_record_where_they_came_from():
 
 @pytest.mark.parametrize("field, value", [
     ("lambda_u", -1.0), ("p_threshold", 1.5), ("p_threshold", 0.0), ("temperature", 0.0), ("temperature", 2.0),
-    ("mix_alpha", 0.0), ("warm_up", -1), ("warm_up", 300), ("loss_history", 0), ("noise_kind", "pairflip"),
+    ("mix_alpha", 0.0), ("warm_up", -1), ("warm_up", 1.5), ("loss_history", 0), ("noise_kind", "pairflip"),
     ("rampup_length", 0.0), ("epochs", 0), ("lr", -0.1), ("warmup_batch_size", 0), ("gamma", 0.0),
     ("mixed_precision", "fp8"), ("crop_pad", -1), ("momentum", 1.0),
 ])

@@ -33,7 +33,7 @@ def _method(name, **kw):
     cls = load_registry().get("methods", name)
     fields = {f for f in cls.__dataclass_fields__}
     extra = {k: v for k, v in EXTRA.get(name, {}).items() if k in fields}
-    return cls.from_preset("small", **TINY, **extra, **kw)
+    return cls.from_preset("small", **{**TINY, **extra, **kw})
 
 
 @pytest.mark.parametrize("name", METHODS)
