@@ -46,6 +46,9 @@ SETTINGS: dict[str, dict] = {
     "sgd": {"optimizer": "sgd", "lr": 0.3},
     "nojitter": {"jitter": 0.0},
     "fp32": {"amp": "no"},
+    "crop0.4+t0.2": {"crop_scale_min": 0.4, "temperature": 0.2},
+    "crop0.4+t0.2+ep60": {"crop_scale_min": 0.4, "temperature": 0.2, "epochs": 60},
+    "16px+crop0.4+t0.2+ep60": {"image_size": 16, "crop_scale_min": 0.4, "temperature": 0.2, "epochs": 60},
 }
 
 

@@ -14,7 +14,7 @@ from dmlp_plugin.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 # raw pixels (no SSL training), a short purifier and a 2-epoch CE: the whole path in seconds
-FAST = ["--no-progress", "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 4}",
+FAST = ["--no-progress", "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 10}",
         "--set", "seeds=[0]", "--set", "methods=[{name: ce, params: {epochs: 2}}]"]
 
 

@@ -66,6 +66,8 @@ BAD = [
     (["--set", "trusted.size=100000"], r"trusted\.size=100000.* training set has 1437"),
     (["--set", "preprocessor.params={epochz: 3}"], r"preprocessor\.params: unknown key 'epochz'.*did you mean 'epochs'"),
     (["--set", "noise.rate"], r"expected KEY=VALUE"),
+    (["--set", "preprocessor.params={epochs: 3}"], r"eac_period=5 > epochs=3, so the cross-view exchange would never fire"),
+    (["--set", "preprocessor.params={eac_mix: 0}"], r"preprocessor\.params\.eac_mix=0\.0 must be in \(0, 1\]"),
 ]
 
 
@@ -110,7 +112,7 @@ def test_own_features_from_npy(tmp_path, capsys):
     feats = rng.standard_normal((n, 16)).astype(np.float32)
     np.save(tmp_path / "f.npy", feats)
     code = main(["purify", CONFIG, "--out", str(tmp_path / "o"), "--no-progress", "--set", "features.source=npy",
-                 "--set", f"features.path={tmp_path / 'f.npy'}", "--set", "preprocessor.params={epochs: 2}"])
+                 "--set", f"features.path={tmp_path / 'f.npy'}", "--set", "preprocessor.params={epochs: 5}"])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "o" / "labels.npz").is_file()
     feats[7, 3] = np.nan

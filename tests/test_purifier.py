@@ -114,3 +114,16 @@ def test_two_distinct_views_are_used():
     res = purify([x, v2], noisy, meta, y[meta], 5, DMLPConfig(epochs=10), truth=y, progress=False)
     assert {"label_accuracy_view1", "label_accuracy_view2"} <= set(res.history[-1])
     assert _acc(res, y, meta) > 0.9
+
+
+def test_settings_that_cannot_purify_are_refused():
+    from dmlp_plugin.errors import UserError
+
+    # the authors' script: an exchange period longer than the run, so EAC never feeds back (labels unchanged)
+    with pytest.raises(UserError, match="would never fire"):
+        DMLPConfig(epochs=4, eac_period=5)
+    with pytest.raises(UserError, match="nothing would purify"):
+        DMLPConfig(use_ipc=False, use_eac=False)
+    with pytest.raises(UserError, match="ipc_lr"):
+        DMLPConfig(ipc_lr=0.0)
+    DMLPConfig(epochs=4, eac_period=0)  # no exchange on purpose is allowed

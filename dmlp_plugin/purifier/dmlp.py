@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dmlp_plugin.errors import UserError
 from dmlp_plugin.records import PurifyResult
 
 
@@ -75,6 +76,37 @@ class DMLPConfig:
     # views
     num_views: int = 2
     seed: int = 0
+
+    def __post_init__(self):
+        def bad(key: str, why: str):
+            raise UserError(f"preprocessor.params.{key}={getattr(self, key)!r} {why}")
+
+        for key in ("epochs", "batch_size", "eac_batch_size", "eac_min_steps", "num_views"):
+            if getattr(self, key) < 1:
+                bad(key, "must be a positive integer")
+        for key in ("ipc_lr", "eac_lr"):
+            if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
+                bad(key, "must be a positive learning rate, e.g. 0.01")
+        for key in ("ipc_weight_decay", "eac_weight_decay", "ridge", "ipc_balance_weight", "eac_conf_weight",
+                    "eac_balance_weight"):
+            if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
+                bad(key, "must be a number >= 0")
+        for key in ("ipc_betas", "eac_betas"):
+            if len(getattr(self, key)) != 2 or not all(0 <= b < 1 for b in getattr(self, key)):
+                bad(key, "must be two Adam betas in [0, 1), e.g. [0.5, 0.999]")
+        if not 0 < self.eac_mix <= 1:
+            bad("eac_mix", "must be in (0, 1]: 1 replaces a view's labels by the other view's predictions")
+        if self.eac_period < 0:
+            bad("eac_period", "must be >= 0 (0 turns the cross-view exchange off)")
+        if not (self.use_ipc or self.use_eac):
+            raise UserError("preprocessor.params: use_ipc and use_eac are both false; nothing would purify")
+        if self.use_eac and self.eac_period > self.epochs:
+            # the defect of the authors' script: an exchange that never fires leaves the labels as IPC made them
+            raise UserError(f"preprocessor.params: eac_period={self.eac_period} > epochs={self.epochs}, so the "
+                            f"cross-view exchange would never fire; set epochs >= eac_period (or eac_period: 0 to "
+                            f"turn it off on purpose)")
+        if self.eac_lr_decay_epoch is not None and self.eac_lr_decay_epoch < 0:
+            bad("eac_lr_decay_epoch", "must be >= 0 or null")
 
     @staticmethod
     def authors() -> "DMLPConfig":
