@@ -15,7 +15,7 @@ import torch
 
 from baselines.common import (LoopState, RunResult, TrainData, base_info, batch_inputs, check_common,
                               check_true_labels, config_from_preset, cross_entropy, data_tensors, evaluate,
-                              finish, generator, make_accelerator, make_classifier, make_eval_loader,
+                              finish, generator, make_accelerator, model_spec, make_classifier, make_eval_loader,
                               make_loader, make_sgd, mean_across, progress_bar, run_meta, save_checkpoint,
                               set_lr, step_lr, try_resume)
 
@@ -69,7 +69,7 @@ class CE:
         from accelerate.utils import set_seed  # noqa: PLC0415
 
         check_true_labels(true_labels, data)
-        accelerator = make_accelerator(device, self.mixed_precision)
+        accelerator = make_accelerator(device, self.mixed_precision, model_spec(self, data))
         set_seed(seed)
         t = data_tensors(data)
         model = make_classifier(self.backbone, data.in_chans, data.num_classes, self.cifar_stem)

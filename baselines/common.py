@@ -46,7 +46,7 @@ from torch import nn
 from dmlp_plugin.atomic import write_json
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.features.backbone import create_backbone, to_input
-from dmlp_plugin.hardware import MIXED_PRECISION_MODES, resolve_mixed_precision
+from dmlp_plugin.hardware import MIXED_PRECISION_MODES, bf16_hazard_layers, cpu_has_fast_bf16, resolve_mixed_precision
 
 # ----------------------------------------------------------------------------------------------- records
 
@@ -183,10 +183,12 @@ def check_common(cfg) -> None:
 # ------------------------------------------------------------------------------------------- accelerator
 
 
-def make_accelerator(device: str | None = None, mixed_precision: str = "auto"):
+def make_accelerator(device: str | None = None, mixed_precision: str = "auto", model: tuple | None = None):
     """``Accelerator(cpu=..., mixed_precision=...)``. device: None/"auto" (CUDA when available), "cpu", or
     "cuda" (which GPU is chosen by the launcher / CUDA_VISIBLE_DEVICES). mixed_precision ``auto`` is bf16
-    where the hardware runs it fast and float32 elsewhere (:mod:`dmlp_plugin.hardware`). In a single
+    where the hardware runs it fast and float32 elsewhere (:mod:`dmlp_plugin.hardware`). model: (backbone,
+    in_chans, input size, cifar_stem) of the network to train, checked for the CPU bfloat16 gradient bug
+    (:func:`dmlp_plugin.hardware.bf16_hazard_layers`) when bf16 could be picked on the CPU. In a single
     process, a state left by an earlier run with other settings is reset (accelerate keeps one state per
     process)."""
     from accelerate import Accelerator  # noqa: PLC0415 - heavy import, used on demand
@@ -200,7 +202,12 @@ def make_accelerator(device: str | None = None, mixed_precision: str = "auto"):
     if dev.startswith("cuda:"):
         raise UserError(f"device={device!r}: pick the GPU with CUDA_VISIBLE_DEVICES and pass device='cuda'")
     cpu = dev == "cpu" or not torch.cuda.is_available()
-    mixed_precision = resolve_mixed_precision(mixed_precision, "cpu" if cpu else "cuda")
+    hazard = None
+    if cpu and model is not None and (mixed_precision == "bf16" or (mixed_precision == "auto" and cpu_has_fast_bf16())):
+        backbone, in_chans, size, cifar_stem = model
+        with torch.random.fork_rng(devices=[]):
+            hazard = bf16_hazard_layers(make_classifier(backbone, in_chans, 2, cifar_stem), in_chans, size)
+    mixed_precision = resolve_mixed_precision(mixed_precision, "cpu" if cpu else "cuda", hazard)
     shared = PartialState._shared_state
     if shared and shared.get("num_processes", 1) == 1:
         state = AcceleratorState._shared_state
@@ -373,6 +380,13 @@ def batch_inputs(images: torch.Tensor, image_size: int | None, gen: torch.Genera
 
 
 # ------------------------------------------------------------------------------------------------ models
+
+
+def model_spec(cfg, data: TrainData) -> tuple[str, int, int, bool]:
+    """(backbone, in_chans, input size, cifar_stem) of a trainer config on a data set, for
+    :func:`make_accelerator`'s precision check."""
+    size = cfg.image_size or int(data.train_images.shape[1])
+    return cfg.backbone, data.in_chans, size, cfg.cifar_stem
 
 
 def make_classifier(backbone: str, in_chans: int, num_classes: int, cifar_stem: bool) -> nn.Module:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from baselines.common import (LoopState, RunResult, TrainData, base_info, batch_inputs, check_common,
                               check_true_labels, config_from_preset, data_tensors, evaluate, finish, generator,
-                              make_accelerator, make_adam, make_classifier, make_eval_loader, make_loader,
+                              make_accelerator, model_spec, make_adam, make_classifier, make_eval_loader, make_loader,
                               mean_across, progress_bar, run_meta, save_checkpoint, set_lr, try_resume)
 from dmlp_plugin.errors import UserError
 
@@ -194,7 +194,7 @@ class CoTeaching:
 
         tau, tau_source = forget_rate_source(self.forget_rate, data)
         truth = check_true_labels(true_labels, data)
-        accelerator = make_accelerator(device, self.mixed_precision)
+        accelerator = make_accelerator(device, self.mixed_precision, model_spec(self, data))
         set_seed(seed)
         t = data_tensors(data)
         model1 = make_classifier(self.backbone, data.in_chans, data.num_classes, self.cifar_stem)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from baselines.common import (LoopState, RunResult, TrainData, base_info, batch_inputs, check_common,
                               check_true_labels, config_from_preset, cross_entropy, data_tensors, derive_seed,
-                              evaluate, finish, generator, label_precision, make_accelerator, make_classifier,
+                              evaluate, finish, generator, label_precision, make_accelerator, model_spec, make_classifier,
                               make_eval_loader, make_loader, make_sgd, mean_across, numpy_rng, predict,
                               progress_bar, run_meta, save_checkpoint, set_lr, step_lr, try_resume)
 from dmlp_plugin.errors import UserError
@@ -384,7 +384,7 @@ class DivideMix:
 
         truth = check_true_labels(true_labels, data)
         settings = self.settings(data)
-        accelerator = make_accelerator(device, self.mixed_precision)
+        accelerator = make_accelerator(device, self.mixed_precision, model_spec(self, data))
         set_seed(seed)
         t = data_tensors(data)
         n = len(data.train_images)

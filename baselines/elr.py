@@ -54,7 +54,7 @@ from torch import nn
 
 from baselines.common import (LoopState, RunResult, TrainData, base_info, batch_inputs, check_common,
                               check_true_labels, config_from_preset, cosine_restart_lr, cross_entropy,
-                              data_tensors, evaluate, finish, gather_rows, generator, make_accelerator,
+                              data_tensors, evaluate, finish, gather_rows, generator, make_accelerator, model_spec,
                               make_classifier, make_eval_loader, make_loader, make_sgd, mean_across, numpy_rng,
                               progress_bar, run_meta, save_checkpoint, set_lr, step_lr, try_resume)
 from dmlp_plugin.errors import UserError
@@ -292,7 +292,7 @@ class ELR:
         from accelerate.utils import set_seed  # noqa: PLC0415
 
         truth = check_true_labels(true_labels, data)
-        accelerator = make_accelerator(device, self.mixed_precision)
+        accelerator = make_accelerator(device, self.mixed_precision, model_spec(self, data))
         set_seed(seed)
         t = data_tensors(data)
         given = data.hard_labels()
@@ -424,7 +424,7 @@ class ELRPlus:
         from accelerate.utils import set_seed  # noqa: PLC0415
 
         truth = check_true_labels(true_labels, data)
-        accelerator = make_accelerator(device, self.mixed_precision)
+        accelerator = make_accelerator(device, self.mixed_precision, model_spec(self, data))
         set_seed(seed)
         t = data_tensors(data)
         given = data.hard_labels()

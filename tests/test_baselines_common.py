@@ -105,3 +105,29 @@ def test_train_data_refuses_bad_labels(tiny):
     for labels, match in bad:
         with pytest.raises(UserError, match=match):
             TrainData(x, labels, tx, ty, 10)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_cpu_bf16_bug_is_avoided(name, tiny, monkeypatch):
+    # On a CPU with native bfloat16 (Intel Xeon, torch 2.14.1) bf16 autocast gave NaN losses from the 2nd
+    # step for test_resnet on 16x16 digits (a strided conv on a 1-pixel input). `auto` must train such a
+    # model in float32 there, and an explicit bf16 must be refused before training.
+    import baselines.common as common
+    from dmlp_plugin import hardware
+
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    data, truth = tiny
+    result = _method(name, epochs=1).run(data, device="cpu", seed=0, progress=False, true_labels=truth)
+    assert all(np.isfinite(r["train_loss"]) for r in result.curve)
+    with pytest.raises(UserError, match="mixed_precision=bf16.*1-pixel"):
+        _method(name, epochs=1, mixed_precision="bf16").run(data, device="cpu", seed=0, progress=False)
+
+
+def test_bf16_hazard_detection():
+    from baselines.common import make_classifier
+    from dmlp_plugin.hardware import bf16_hazard_layers
+
+    assert bf16_hazard_layers(make_classifier("test_resnet", 1, 10, False), 1, 16)
+    assert not bf16_hazard_layers(make_classifier("test_resnet", 1, 10, False), 1, 32)
+    assert not bf16_hazard_layers(make_classifier("resnet18", 3, 10, True), 3, 32)

@@ -39,7 +39,7 @@ def test_recovers_labels_at_80_percent_noise(clusters):
 
 def test_cross_view_exchange_does_the_purifying(clusters):
     x, y, noisy, meta = clusters
-    cfg = DMLPConfig(epochs=10)
+    cfg = DMLPConfig(epochs=10, readout="labels")  # the paper's readout: the label matrices themselves
     full = _acc(purify([x], noisy, meta, y[meta], 10, cfg, progress=False), y, meta)
     no_exchange = _acc(purify([x], noisy, meta, y[meta], 10, dataclasses.replace(cfg, eac_period=0),
                               progress=False), y, meta)
@@ -127,3 +127,49 @@ def test_settings_that_cannot_purify_are_refused():
     with pytest.raises(UserError, match="ipc_lr"):
         DMLPConfig(ipc_lr=0.0)
     DMLPConfig(epochs=4, eac_period=0)  # no exchange on purpose is allowed
+
+
+def test_temperature_fit_recovers_the_scale_of_calibrated_logits():
+    from dmlp_plugin.purifier.dmlp import fit_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 5, generator=gen) * 3
+    labels = torch.multinomial(torch.softmax(logits, 1), 1, generator=gen).squeeze(1)  # calibrated at t = 1
+    assert fit_temperature(logits * 4, labels) == pytest.approx(4, rel=0.15)
+    assert fit_temperature(logits / 2, labels) == pytest.approx(0.5, rel=0.15)
+    assert fit_temperature(logits, labels[:0]) == 1.0
+
+
+def test_label_posterior_estimates_the_transition_and_weighs_the_given_label():
+    # 3 classes, 30% of class 0's labels flipped to 1 (asymmetric noise); a classifier 80% sure of the true
+    # class. EM must find T[0, 1] ~ 0.3 and a clean diagonal elsewhere; the posterior then corrects the
+    # flips and, for a sample the classifier cannot decide (50/50 between 0 and 2), trusts a given label 2
+    # (class 2 is never a flip target) but not a given label 1 over a 0 (1 is where 0's flips go).
+    from dmlp_plugin.purifier.dmlp import label_posterior
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    truth = torch.from_numpy(rng.integers(0, 3, n))
+    noisy = truth.clone()
+    noisy[(truth == 0) & torch.from_numpy(rng.random(n) < 0.3)] = 1
+    pred = torch.full((n, 3), 0.1)
+    pred[torch.arange(n), truth] = 0.8
+    undecided = torch.tensor([3000, 3001])
+    pred = torch.cat([pred, torch.tensor([[0.5, 0.0, 0.5], [0.45, 0.1, 0.45]])])
+    noisy = torch.cat([noisy, torch.tensor([2, 1])])
+    meta = torch.arange(60)
+    q, trans = label_posterior(pred, noisy, meta, truth[meta])
+    assert trans[0, 1] == pytest.approx(0.3, abs=0.05) and trans[0, 0] == pytest.approx(0.7, abs=0.05)
+    assert trans[1, 1] > 0.95 and trans[2, 2] > 0.95
+    torch.testing.assert_close(q.sum(1), torch.ones(n + 2))
+    assert torch.equal(q[meta].argmax(1), truth[meta])
+    assert float((q[:n].argmax(1) == truth).float().mean()) == 1.0
+    assert q[undecided].argmax(1).tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("key, value", [("eac_target", "swap"), ("readout", "mean"), ("transition_prior", -1.0)])
+def test_bad_readout_settings_are_user_errors(key, value):
+    from dmlp_plugin.errors import UserError
+
+    with pytest.raises(UserError, match=key):
+        DMLPConfig(**{key: value})

@@ -34,7 +34,7 @@ from dmlp_plugin.atomic import atomic_path
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.features.augment import simclr_view
 from dmlp_plugin.features.backbone import check_backbone_name, create_backbone
-from dmlp_plugin.hardware import cpu_has_fast_bf16
+from dmlp_plugin.hardware import bf16_hazard_layers, cpu_has_fast_bf16
 
 CHECKPOINT_FORMAT = 1
 _AMP_MODES = ("auto", "bf16", "no")
@@ -56,7 +56,7 @@ class SimCLRConfig:
     flips (turn off for digits or text); jitter: brightness/contrast/saturation strength, applied with
     probability 0.8; gray_p: random-grayscale probability (3-channel images only). amp: ``auto``
     (bfloat16 autocast on CUDA when the GPU supports it, and on a CPU with native bfloat16, ~2.5x
-    faster there, unless the model hits a CPU bfloat16 bug, see ``_bf16_hazard``; float32 on other CPUs,
+    faster there, unless the model hits a CPU bfloat16 bug, see ``dmlp_plugin.hardware.bf16_hazard_layers``; float32 on other CPUs,
     where bf16 is ~25x slower: see ``dmlp_plugin.hardware``), ``bf16`` (always) or ``no`` (float32).
     seed: initialisation, data order and augmentations.
     """
@@ -163,39 +163,18 @@ class _SimCLRNet(nn.Module):
 
 
 def _build(cfg: SimCLRConfig, in_chans: int) -> tuple[_SimCLRNet, bool]:
-    """The network (backbone + projection head) and whether it has a bf16 hazard (see ``_bf16_hazard``)."""
+    """The network (backbone + projection head) and whether it has a bf16 hazard (see ``dmlp_plugin.hardware.bf16_hazard_layers``)."""
     # Initialise under a forked RNG: reproducible from cfg.seed without re-seeding the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         backbone = create_backbone(cfg.backbone, in_chans=in_chans, num_classes=0, cifar_stem=cfg.cifar_stem)
-        hazard: list[str] = []
-        hooks = [m.register_forward_hook(_bf16_hazard(name, hazard)) for name, m in backbone.named_modules()
-                 if isinstance(m, nn.Conv2d)]
+        hazard = bf16_hazard_layers(backbone, in_chans, cfg.image_size)
         backbone.eval()
         with torch.no_grad():  # the pooled output size (timm's num_features is not it for every model)
             feat_dim = int(backbone(torch.zeros(2, in_chans, cfg.image_size, cfg.image_size)).shape[1])
-        for h in hooks:
-            h.remove()
+        backbone.train()
         net = _SimCLRNet(backbone, feat_dim, cfg.proj_hidden, cfg.proj_dim)
     return net, bool(hazard)
-
-
-def _bf16_hazard(name: str, found: list):
-    """A forward hook noting convolutions that CPU bfloat16 training gets wrong.
-
-    Measured with torch 2.14.1 (oneDNN) on this CPU: under bf16 autocast the weight gradient of a strided
-    (stride 2), non-depthwise convolution with kernel > 1 whose input is 1 pixel wide comes back as
-    uninitialised memory (0, 1e30 or NaN) from the second call on; every other kernel/stride/size we tried
-    matched float32. That happens when the image is too small for the network's total stride (test_resnet,
-    resnet10t or resnet18 at 16x16, none of them at 32x32). Such a model trains in float32 on the CPU."""
-    def hook(module, inputs, output):
-        h, w = inputs[0].shape[-2:]
-        kh, kw = module.kernel_size
-        sh, sw = module.stride
-        depthwise = module.groups == module.in_channels and module.groups > 1
-        if not depthwise and ((h == 1 and sh > 1 and kh > 1) or (w == 1 and sw > 1 and kw > 1)):
-            found.append(name)
-    return hook
 
 
 def _amp_enabled(cfg: SimCLRConfig, device: torch.device, hazard: bool = False) -> bool:
