@@ -5,7 +5,8 @@ config (3% of the training set, class-balanced, true labels), this compares the 
 untrusted samples of: the noisy labels, ``trusted_only`` (a linear classifier fitted on the trusted subset
 alone), ``knn_vote`` at its best k (chosen with the true labels, which flatters it) and ``dmlp``. Then an
 ablation at 50% and 80% symmetric noise: IPC only, EAC only, both; one view (the authors' script: the same
-features twice) vs two; ridge 0 vs our default.
+features twice) vs two; ridge 0 vs our default; the paper's readout (label matrices) vs ours (posterior);
+the posterior as the exchanged labels; the authors' settings.
 
     python benchmarks/purify_quality.py [--config configs/purify-digits.yaml] [--seeds 0 1 2]
                                         [--set features.source=raw ...] [--no-ablation]
@@ -39,6 +40,8 @@ def _ablations(base):
         "EAC only": dataclasses.replace(base, use_ipc=False),
         "one view (same features twice)": "one_view",
         "ridge 0": dataclasses.replace(base, ridge=0.0),
+        "paper's readout (label matrices)": dataclasses.replace(base, readout="labels"),
+        "posterior as exchange target": dataclasses.replace(base, eac_target="posterior"),
         "authors' settings": "authors",
     }
 
@@ -78,6 +81,7 @@ def main() -> None:
         noisy = make_noisy(cfg, data)[0].labels
         meta_idx, meta_labels = select_trusted(cfg, noisy, truth, c, views.arrays[0])
         rest = np.setdiff1d(np.arange(len(noisy)), meta_idx)
+        results["trusted_size"] = int(len(meta_idx))
 
         def acc(hard):
             return M.label_accuracy(hard[rest], truth[rest])
