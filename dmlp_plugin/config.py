@@ -63,7 +63,8 @@ class FeaturesConfig:
     """Where the features come from: ``ssl`` (SimCLR on a timm backbone, cached), ``npy`` (your own
     (N, d) file at ``path``; ``path2`` optionally a second view) or ``raw`` (flattened, standardised
     pixels: a quick baseline). ``second_view``: how view 2 is made when no second file is given:
-    ``random_relu`` (random ReLU features of view 1, a kernel view), ``hflip`` (SSL features of flipped
+    ``random_relu`` (random ReLU features of view 1, a kernel view), ``raw`` (standardised pixels: a view
+    whose errors differ from the learned one's; best on small images such as digits), ``hflip`` (SSL features of flipped
     images), ``same`` (the authors' script: view 1 again)."""
 
     source: str = "ssl"

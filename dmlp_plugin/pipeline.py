@@ -61,8 +61,9 @@ def validate(cfg: PurifyConfig) -> dict:
         raise UserError(f"features.source={cfg.features.source!r} is not known; use ssl, npy or raw")
     if cfg.features.source == "npy" and not cfg.features.path:
         raise UserError("features.source=npy needs features.path (an (N, d) float .npy file)")
-    if cfg.features.second_view not in ("random_relu", "hflip", "same"):
-        raise UserError(f"features.second_view={cfg.features.second_view!r} is not known; use random_relu, hflip or same")
+    if cfg.features.second_view not in ("random_relu", "raw", "hflip", "same"):
+        raise UserError(f"features.second_view={cfg.features.second_view!r} is not known; use random_relu, raw, "
+                        f"hflip or same")
     if cfg.features.second_view == "hflip" and cfg.features.source != "ssl":
         raise UserError("features.second_view=hflip needs features.source=ssl; use random_relu or same")
     if cfg.checks.k < 1 or any((not isinstance(k, int)) or k < 1 for k in cfg.checks.vote_ks):
@@ -230,6 +231,12 @@ def _load_feature_file(path: str, n: int, what: str) -> np.ndarray:
     return _l2(x)
 
 
+def raw_pixel_features(images: np.ndarray) -> np.ndarray:
+    """Flattened pixels, standardised per pixel, rows L2-normalised: (N, H*W*C) float32."""
+    x = images.reshape(len(images), -1).astype(np.float32)
+    return _l2((x - x.mean(0)) / (x.std(0) + 1e-6))
+
+
 def make_views(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, progress: bool) -> Views:
     f = cfg.features
     n = len(data.train)
@@ -237,8 +244,7 @@ def make_views(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, pr
         v1 = _load_feature_file(f.path, n, "features.path")
         prov = {"source": "npy", "path": str(f.path)}
     elif f.source == "raw":
-        x = data.train.images.reshape(n, -1).astype(np.float32)
-        v1 = _l2((x - x.mean(0)) / (x.std(0) + 1e-6))
+        v1 = raw_pixel_features(data.train.images)
         prov = {"source": "raw pixels (standardised)"}
     else:
         from dmlp_plugin.features.cache import get_features  # noqa: PLC0415
@@ -252,6 +258,9 @@ def make_views(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, pr
     elif f.second_view == "hflip":
         v2 = bank.views["hflip"]
         prov["view2"] = {"source": "ssl features of horizontally flipped images"}
+    elif f.second_view == "raw":
+        v2 = raw_pixel_features(data.train.images)
+        prov["view2"] = {"source": "raw pixels (standardised): errors unlike those of the learned view 1"}
     elif f.second_view == "random_relu":
         v2 = random_relu_view(v1, f.second_view_dim, cfg.seed)
         prov["view2"] = {"source": f"random ReLU features of view 1 (dim {f.second_view_dim})"}

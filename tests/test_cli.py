@@ -125,3 +125,27 @@ def test_own_features_from_npy(tmp_path, capsys):
     code = main(["purify", CONFIG, "--out", str(tmp_path / "q"), "--no-progress", "--set", "features.source=npy",
                  "--set", f"features.path={tmp_path / 'h.npy'}"])
     assert code == 2 and "has 10 rows but the data set has" in capsys.readouterr().err
+
+
+def test_second_view_from_raw_pixels(tmp_path):
+    # view 2 = standardised pixels (unlike errors to a learned view 1); an unknown view kind is a config error
+    from dmlp_plugin.config import load_config
+    from dmlp_plugin.pipeline import load_data, make_views, raw_pixel_features, validate
+
+    data = load_data(load_config(CONFIG, [])[0])
+    n = len(data.train)
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).standard_normal((n, 16)).astype(np.float32))
+    cfg, _ = load_config(CONFIG, ["features.source=npy", f"features.path={tmp_path / 'f.npy'}",
+                                  "features.second_view=raw"])
+    views = make_views(cfg, data, "cpu", validate(cfg), progress=False)
+    v2 = views.arrays[1]
+    assert v2.shape == (n, 64) and views.provenance["dims"] == [16, 64]
+    np.testing.assert_allclose(np.linalg.norm(v2, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(v2, raw_pixel_features(data.train.images))
+    # standardised per pixel before the row norm: a pixel's column is centred (constant pixels are 0)
+    x = data.train.images.reshape(n, -1).astype(np.float64)
+    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    np.testing.assert_allclose(v2, z / np.linalg.norm(z, axis=1, keepdims=True), atol=1e-5)
+    code = main(["purify", CONFIG, "--out", str(tmp_path / "o"), "--no-progress",
+                 "--set", "features.second_view=pixels"])
+    assert code == 2 and not (tmp_path / "o").exists()
