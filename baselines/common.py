@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmlp_plugin.atomic import write_json
+from dmlp_plugin.distributed import check_world_size
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.features.backbone import create_backbone, to_input
 from dmlp_plugin.hardware import MIXED_PRECISION_MODES, bf16_hazard_layers, cpu_has_fast_bf16, resolve_mixed_precision
@@ -217,7 +218,9 @@ def make_accelerator(device: str | None = None, mixed_precision: str = "auto", m
             AcceleratorState._reset_state(reset_partial_state=True)
         elif wrong_mp:
             AcceleratorState._reset_state()
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    check_world_size(accelerator.num_processes)  # the plain-Accelerator() trap, see dmlp_plugin.distributed
+    return accelerator
 
 
 # ------------------------------------------------------------------------------------------- randomness

@@ -58,12 +58,16 @@ def _cmd_purify(args) -> int:
 
     cfg, raw = load_config(args.config, args.overrides)
     metrics = purify_run(cfg, args.out, raw=raw, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under a launcher, process 0 speaks for all
+        return 0
     if "label_accuracy_after" in metrics:
         parts = [f"noisy {metrics['label_accuracy_before']:.4f}",
                  f"{metrics['preprocessor']} {metrics['label_accuracy_after']:.4f}"]
         parts += [f"{k} {metrics[k]['label_accuracy_after']:.4f}" for k in ("knn_vote", "trusted_only") if k in metrics]
         print("label accuracy: " + ", ".join(parts))
-    print(f"wrote {os.path.join(args.out, 'labels.npz')}, metrics.json, report.md")
+    world = metrics.get("world_size", 1)
+    print(f"wrote {os.path.join(args.out, 'labels.npz')}, metrics.json, report.md"
+          + (f" ({world} processes)" if world > 1 else ""))
     return 0
 
 
@@ -72,6 +76,12 @@ def _cmd_bench(args) -> int:
     from dmlp_plugin.bench_report import summarise  # noqa: PLC0415
     from dmlp_plugin.config import BenchConfig, load_config  # noqa: PLC0415
 
+    from dmlp_plugin.distributed import launcher_world_size  # noqa: PLC0415
+    from dmlp_plugin.errors import UserError  # noqa: PLC0415
+
+    if launcher_world_size() > 1:
+        raise UserError(f"dmlp bench runs in one process (this launch started {launcher_world_size()}); run it "
+                        f"without torchrun/accelerate launch, or launch `dmlp purify` across processes")
     cfg, raw = load_config(args.config, args.overrides, schema=BenchConfig)
     records = bench_run(cfg, args.out, raw=raw, progress=not args.no_progress)
     print(f"{'noise':<14} {'method':<12} {'labels':<14} {'test acc':>16} {'delta':>14}")

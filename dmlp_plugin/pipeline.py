@@ -412,18 +412,26 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
     from dmlp_plugin.atomic import write_json, write_text  # noqa: PLC0415
     from dmlp_plugin.report import write_purify_report  # noqa: PLC0415
 
+    from dmlp_plugin.distributed import current  # noqa: PLC0415
+
     out = Path(out)
     check_out_dir(out)
     built = validate(cfg)
     device = resolve_device(cfg.device)
+    dist = current(device)  # under accelerate launch / torchrun: the purifier shards its rows
+    progress = progress and dist.is_main
     timings = {}
     t = time.perf_counter()
     data = load_data(cfg)
     timings["data"] = time.perf_counter() - t
     t = time.perf_counter()
-    views = make_views(cfg, data, device, built, progress)
+    views = make_views_once(cfg, data, device, built, progress, dist)
     timings["features"] = time.perf_counter() - t
     p = purify_labels(cfg, data, views, built, device, progress, raw, timings)
+    p.metrics["world_size"] = dist.world_size
+    if not dist.is_main:  # process 0 writes; the others wait until it has
+        dist.barrier()
+        return p.metrics
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -438,7 +446,18 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
     return p.metrics
+
+
+def make_views_once(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, progress: bool, dist) -> Views:
+    """:func:`make_views`, with SSL features trained by process 0 alone when several run: the others wait,
+    then read them from the cache it wrote (features are made once, whatever the number of processes)."""
+    if dist.world_size == 1:
+        return make_views(cfg, data, device, built, progress)
+    views = make_views(cfg, data, device, built, progress) if dist.is_main else None
+    dist.barrier()
+    return views if views is not None else make_views(cfg, data, device, built, False)
 
 
 def yaml_dump(obj) -> str:

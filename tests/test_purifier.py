@@ -55,10 +55,10 @@ def test_ipc_steps_lower_the_meta_loss_through_the_closed_form(clusters):
     xt = torch.from_numpy(x)
     cfg = DMLPConfig(ipc_lr=0.01)
     y0 = torch.nn.functional.one_hot(torch.from_numpy(noisy), 10).float()
-    view = D._View(xt, y0, cfg, torch.Generator().manual_seed(0))
-    batch = torch.arange(0, 3000)
     xm, ym = xt[meta], torch.from_numpy(y[meta])
-    losses = [D._ipc_step(view, 0, batch, xm, ym, cfg) for _ in range(25)]
+    view = D._View(xt, xm, y0, cfg, torch.Generator().manual_seed(0))
+    batch = torch.arange(0, 3000)
+    losses = [D._ipc_step(view, 0, batch, 3000, ym, cfg, D.Dist()) for _ in range(25)]
     assert losses[-1] < 0.8 * losses[0]
     outside = torch.arange(3000, 4000)
     # rows outside the batch get no meta gradient: Adam's coupled weight decay only shrinks their
@@ -93,15 +93,23 @@ def test_ipc_closed_form_matches_ridge_least_squares():
     x = x / x.norm(dim=1, keepdim=True)
     y = torch.randn(200, 5, generator=g)
     cfg = DMLPConfig(ridge=1e-2)
-    view = D._View(x, y, cfg, torch.Generator().manual_seed(0))
-    idx = torch.arange(200)
     xm, ym = x[:10], torch.randint(0, 5, (10,), generator=g)
-    D._ipc_step(view, 0, idx, xm, ym, cfg)
+    view = D._View(x, xm, y, cfg, torch.Generator().manual_seed(0))
+    idx = torch.arange(200)
+    D._ipc_step(view, 0, idx, 200, ym, cfg, D.Dist())
     gram = x.T @ x
     lam = 1e-2 * torch.trace(gram) / 16
     expected = torch.linalg.solve(gram + lam * torch.eye(16), x.T @ y)
     got = torch.cholesky_solve(x.T @ y, view.chol[0])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # the hand-written gradient dL/dY = X G^-1 dL/dW equals autograd through the solve
+    yy = y.clone().requires_grad_(True)
+    w = torch.linalg.solve(gram + lam * torch.eye(16), x.T @ yy)
+    zm = xm @ w
+    loss = (torch.nn.functional.cross_entropy(zm, ym) + torch.sum((zm - torch.nn.functional.one_hot(ym, 5)) ** 2)
+            + D._kl_uniform(torch.softmax(x @ w, dim=1).mean(0)))
+    loss.backward()
+    torch.testing.assert_close(view.y.grad, yy.grad, rtol=1e-3, atol=1e-5)
 
 
 def test_two_distinct_views_are_used():

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dmlp_plugin.distributed import Dist, current
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.records import PurifyResult
 
@@ -152,7 +153,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def label_posterior(pred: torch.Tensor, noisy: torch.Tensor, meta_idx: torch.Tensor, meta_labels: torch.Tensor,
-                    prior: float = 1.0, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+                    prior: float = 1.0, iters: int = 10, dist: Dist = Dist()) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior of the true label given a classifier's prediction and the given (noisy) label.
 
     q_n(y) ∝ pred_n(y) * T[y, noisy_n], where T[i, j] = P(given label j | true class i) is estimated by EM
@@ -161,14 +162,15 @@ def label_posterior(pred: torch.Tensor, noisy: torch.Tensor, meta_idx: torch.Ten
     uniformly over each row: smoothing for rare classes), rows normalised. Low noise gives a
     sharp T (keep the given label unless the classifier is sure), high noise a flat T (follow the
     classifier); asymmetric noise gets its own T. pred: (N, C) rows on the simplex; noisy: (N,) int64.
-    Returns q (N, C) and T (C, C)."""
+    Returns q (N, C) and T (C, C). Sharded (``dist``): each process passes its rows (meta_idx local to them)
+    and the counts are summed over the processes."""
     n, c = pred.shape
     onehot = F.one_hot(noisy, c).to(pred.dtype)  # (N, C)
     q = pred.clone()
     trans = None
     for _ in range(iters):
         q[meta_idx] = F.one_hot(meta_labels, c).to(pred.dtype)
-        counts = q.T @ onehot + prior / c  # (C, C): expected count of (true i, given j)
+        counts = dist.sum_(q.T @ onehot) + prior / c  # (C, C): expected count of (true i, given j)
         trans = counts / counts.sum(dim=1, keepdim=True)
         q = pred * trans[:, noisy].T
         q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-12)
@@ -176,20 +178,20 @@ def label_posterior(pred: torch.Tensor, noisy: torch.Tensor, meta_idx: torch.Ten
     return q, trans
 
 
-def _readout(state: list, cfg: "DMLPConfig", noisy: torch.Tensor, meta_idx: torch.Tensor,
-             meta_labels: torch.Tensor) -> torch.Tensor:
-    """The purified label distributions (N, C). ``labels``: the views' label matrices averaged (the
-    paper). ``posterior``: the views' EAC heads, each calibrated on the trusted rows, averaged as a prior
-    and combined with the given label's likelihood under the EM-estimated noise transition
-    (:func:`label_posterior`). Trusted rows get their trusted labels either way."""
+def _readout(state: list, cfg: "DMLPConfig", noisy: torch.Tensor, meta_loc: torch.Tensor, meta_loc_labels: torch.Tensor,
+             meta_labels: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """The purified label distributions of this process's rows (N_local, C). ``labels``: the views' label
+    matrices averaged (the paper). ``posterior``: the views' EAC heads, each calibrated on the trusted rows
+    (a temperature fitted on them; EAC never trains on them), averaged as a prior and combined with the given
+    label's likelihood under the EM-estimated noise transition (:func:`label_posterior`). Trusted rows get
+    their trusted labels either way. meta_loc: this process's trusted rows (local indices)."""
     c = state[0].y.shape[1]
     if cfg.readout == "posterior" and cfg.use_eac:
-        prior = sum(F.softmax(z / fit_temperature(z[meta_idx], meta_labels), dim=1)
-                    for z in (v.logits() for v in state)) / len(state)
-        soft, _ = label_posterior(prior, noisy, meta_idx, meta_labels, cfg.transition_prior)
+        prior = sum(F.softmax(v.logits() / v.temperature(meta_labels), dim=1) for v in state) / len(state)
+        soft, _ = label_posterior(prior, noisy, meta_loc, meta_loc_labels, cfg.transition_prior, dist=dist)
     else:
         soft = sum(_to_simplex(v.y.detach()) for v in state) / len(state)
-    soft[meta_idx] = F.one_hot(meta_labels, c).to(soft.dtype)
+    soft[meta_loc] = F.one_hot(meta_loc_labels, c).to(soft.dtype)
     return soft
 
 
@@ -202,10 +204,11 @@ def _kl_uniform(mean_p: torch.Tensor) -> torch.Tensor:
 class _View:
     """State of one view: labels Y (parameters of IPC), their Adam optimiser, and the EAC head."""
 
-    def __init__(self, x: torch.Tensor, y0: torch.Tensor, cfg: DMLPConfig, gen: torch.Generator):
+    def __init__(self, x: torch.Tensor, xm: torch.Tensor, y0: torch.Tensor, cfg: DMLPConfig, gen: torch.Generator):
         n, d = x.shape
         c = y0.shape[1]
-        self.x = x
+        self.x = x  # this process's rows
+        self.xm = xm  # the trusted rows (every process holds all of them)
         self.y = y0.clone().requires_grad_(True)
         self.opt_y = torch.optim.Adam([self.y], lr=cfg.ipc_lr, betas=cfg.ipc_betas,
                                       weight_decay=cfg.ipc_weight_decay)
@@ -225,12 +228,22 @@ class _View:
     def predict(self, chunk: int = 65536) -> torch.Tensor:
         return F.softmax(self.logits(chunk), dim=1)
 
+    def temperature(self, meta_labels: torch.Tensor) -> float:
+        """The head's temperature fitted on the trusted rows (identical on every process)."""
+        with torch.no_grad():
+            return fit_temperature(self.head(self.xm), meta_labels)
 
-def _ipc_step(view: _View, b: int, idx: torch.Tensor, xm: torch.Tensor, ym: torch.Tensor,
-              cfg: DMLPConfig) -> float:
-    xb = view.x[idx]
+
+def _ipc_step(view: _View, b: int, loc: torch.Tensor, nb: int, ym: torch.Tensor, cfg: DMLPConfig,
+              dist: Dist) -> float:
+    """One IPC step on batch ``b``: loc = this process's rows of it (local indices), nb = its global size.
+
+    W = G^-1 X_B^T Y_B with G = X_B^T X_B + ridge; the meta loss L depends on Y_B only through W, so
+    dL/dY_B = X_B G^-1 dL/dW (G symmetric). G, X_B^T Y_B and dL/dW are sums over rows, all-reduced across
+    processes; each process then updates its own rows. Returns the loss (identical on every process)."""
+    xb = view.x[loc]
     if b not in view.chol:
-        gram = xb.T @ xb
+        gram = dist.sum_(xb.T @ xb)
         lam = cfg.ridge * torch.trace(gram) / gram.shape[0]
         eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
         chol, info = torch.linalg.cholesky_ex(gram + lam * eye)
@@ -243,36 +256,79 @@ def _ipc_step(view: _View, b: int, idx: torch.Tensor, xm: torch.Tensor, ym: torc
             chol, info = torch.linalg.cholesky_ex(gram + (lam + jitter * torch.trace(gram) / gram.shape[0]) * eye)
             jitter *= 10
         view.chol[b] = chol
-    view.opt_y.zero_grad(set_to_none=True)
-    yb = view.y[idx]
-    w = torch.cholesky_solve(xb.T @ yb, view.chol[b])  # (d, C)
-    zm = xm @ w
-    loss = F.cross_entropy(zm, ym) + torch.sum((zm - F.one_hot(ym, zm.shape[1]).to(zm.dtype)) ** 2)
+    chol = view.chol[b]
+    with torch.no_grad():
+        xty = dist.sum_(xb.T @ view.y[loc])
+    w = torch.cholesky_solve(xty, chol).requires_grad_(True)  # (d, C)
+    zm = view.xm @ w
+    meta = F.cross_entropy(zm, ym) + torch.sum((zm - F.one_hot(ym, zm.shape[1]).to(zm.dtype)) ** 2)
+    local = meta / dist.world_size  # replicated on every process: its gradient is summed P times below
+    total = float(meta.detach())
     if cfg.ipc_balance_weight:
-        loss = loss + cfg.ipc_balance_weight * _kl_uniform(F.softmax(xb @ w, dim=1).mean(0))
-    loss.backward()
+        kl = cfg.ipc_balance_weight * _kl_uniform(_global_mean(F.softmax(xb @ w, dim=1), nb, dist))
+        local = local + kl
+        total += float(kl.detach())
+    (grad_w,) = torch.autograd.grad(local, w)
+    grad_w = dist.sum_(grad_w)
+    with torch.no_grad():
+        grad_y = torch.zeros_like(view.y)
+        grad_y[loc] = xb @ torch.cholesky_solve(grad_w, chol)
+    view.y.grad = grad_y
     view.opt_y.step()
-    return float(loss.detach())
+    return total
 
 
-def _eac_pass(view: _View, idx: torch.Tensor, cfg: DMLPConfig, gen: torch.Generator) -> float:
+def _global_mean(p: torch.Tensor, n: int, dist: Dist) -> torch.Tensor:
+    """mean over all processes' rows of p (local rows (B_local, C), n rows in all), differentiable with
+    respect to this process's rows only: summing the gradients over the processes gives the full one."""
+    s = p.sum(dim=0)
+    if dist.world_size == 1:
+        return s / n
+    total = dist.sum_(s.detach().clone())
+    return (s + (total - s.detach())) / n
+
+
+def _local_rows(idx: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Local indices of the global row indices idx that fall in [lo, hi), in idx's order."""
+    return idx[(idx >= lo) & (idx < hi)] - lo
+
+
+def _eac_pass(view: _View, idx: torch.Tensor, cfg: DMLPConfig, gen: torch.Generator, lo: int, hi: int,
+              dist: Dist) -> float:
+    """One pass of the EAC head over the global rows idx in a random order (the same on every process), in
+    mini-batches of ``eac_batch_size`` global rows; each process computes the loss terms of its own rows and
+    the head's gradients are all-reduced, so the head stays identical on every process."""
     order = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
+    params = list(view.head.parameters())
     total, steps = 0.0, 0
     for start in range(0, order.numel(), cfg.eac_batch_size):
         mb = order[start:start + cfg.eac_batch_size]
+        nmb = mb.numel()
+        loc = _local_rows(mb, lo, hi)
         with torch.no_grad():
-            t = view.y[mb].argmax(dim=1)
-        logits = view.head(view.x[mb])
+            t = view.y[loc].argmax(dim=1)
+        logits = view.head(view.x[loc])
         p = F.softmax(logits, dim=1)
-        loss = F.cross_entropy(logits, t)
+        loss = F.cross_entropy(logits, t, reduction="sum") / nmb
         if cfg.eac_conf_weight:
-            loss = loss + cfg.eac_conf_weight * torch.mean(torch.sum(p * torch.log(p.clamp_min(1e-12)), dim=1))
+            loss = loss + cfg.eac_conf_weight * torch.sum(p * torch.log(p.clamp_min(1e-12))) / nmb
+        local_value = loss.detach()
+        kl = torch.zeros(())
         if cfg.eac_balance_weight:
-            loss = loss + cfg.eac_balance_weight * _kl_uniform(p.mean(0))
+            kl = cfg.eac_balance_weight * _kl_uniform(_global_mean(p, nmb, dist))
+            loss = loss + kl
         view.opt_h.zero_grad(set_to_none=True)
         loss.backward()
+        if dist.world_size > 1:  # one all-reduce: every gradient and the rows' loss terms
+            flat = torch.cat([g.grad.reshape(-1) for g in params] + [local_value.reshape(1)])
+            dist.sum_(flat)
+            offset = 0
+            for g in params:
+                g.grad.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            local_value = flat[-1]
         view.opt_h.step()
-        total += float(loss.detach())
+        total += float(local_value) + float(kl.detach())
         steps += 1
     return total / max(steps, 1)
 
@@ -280,38 +336,62 @@ def _eac_pass(view: _View, idx: torch.Tensor, cfg: DMLPConfig, gen: torch.Genera
 def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta_idx: np.ndarray,
            meta_labels: np.ndarray, num_classes: int, cfg: DMLPConfig = DMLPConfig(),
            truth: np.ndarray | None = None, device: str | torch.device = "cpu", progress: bool = True,
-           on_epoch: Callable[[int, dict], None] | None = None) -> PurifyResult:
+           on_epoch: Callable[[int, dict], None] | None = None, dist: Dist | None = None) -> PurifyResult:
     """Purify ``noisy`` labels of N samples.
 
     views: ``cfg.num_views`` feature matrices (N, d_v), rows L2-normalised (a single matrix is reused
-        for every view, as the authors' script does).
+        for every view, as the authors' script does). A ``np.memmap`` is read only where needed: under
+        several processes each one copies only its block of rows and the trusted rows.
     noisy: (N,) int noisy labels. meta_idx: (M,) indices of trusted samples, meta_labels: (M,) their
         trusted labels (the meta rows are not purified; they keep these labels).
     truth: optional (N,) true labels, used only to log label accuracy per epoch (never to decide).
+    dist: the processes to shard the rows over (default: those of the launcher, see
+        :mod:`dmlp_plugin.distributed`; one process without one). Every process returns the full result.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
+    dist = current(device.type) if dist is None else dist
     gen = torch.Generator().manual_seed(cfg.seed)
     if len(views) == 1 and cfg.num_views > 1:
         views = list(views) * cfg.num_views
     views = views[: cfg.num_views]
-    xs = [torch.as_tensor(np.asarray(v, dtype=np.float32) if not torch.is_tensor(v) else v,
-                          dtype=torch.float32).to(device) for v in views]
-    n = xs[0].shape[0]
-    noisy_t = torch.as_tensor(np.asarray(noisy), dtype=torch.long, device=device)
-    meta_idx_t = torch.as_tensor(np.asarray(meta_idx), dtype=torch.long, device=device)
-    meta_lab_t = torch.as_tensor(np.asarray(meta_labels), dtype=torch.long, device=device)
-    is_meta = torch.zeros(n, dtype=torch.bool, device=device)
+    n = int(views[0].shape[0])
+    lo, hi = dist.block(n)
+    meta_np = np.asarray(meta_idx, dtype=np.int64)
+
+    def rows(v, sel):
+        arr = v[sel].numpy() if torch.is_tensor(v) else np.asarray(v[sel])
+        return torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32)).to(device)
+
+    xs = [rows(v, slice(lo, hi)) for v in views]
+    xms = [rows(v, meta_np) for v in views]
+    noisy_all = torch.as_tensor(np.asarray(noisy), dtype=torch.long)
+    noisy_t = noisy_all[lo:hi].to(device)
+    meta_idx_t = torch.as_tensor(meta_np, dtype=torch.long)
+    meta_lab_t = torch.as_tensor(np.asarray(meta_labels), dtype=torch.long)
+    is_meta = torch.zeros(n, dtype=torch.bool)
     is_meta[meta_idx_t] = True
-    train_idx = torch.nonzero(~is_meta).squeeze(1)
-    perm = train_idx[torch.randperm(train_idx.numel(), generator=gen).to(device)]
+    train_idx = torch.nonzero(~is_meta).squeeze(1)  # global
+    perm = train_idx[torch.randperm(train_idx.numel(), generator=gen)]
     n_batches = max(1, math.ceil(perm.numel() / cfg.batch_size))
     batches = [perm[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(n_batches)]
+    local_batches = [_local_rows(b, lo, hi).to(device) for b in batches]
+    # this process's rows: the untrusted ones, and the trusted ones with their labels (local indices)
+    train_loc = torch.nonzero(~is_meta[lo:hi]).squeeze(1).to(device)
+    in_block = (meta_idx_t >= lo) & (meta_idx_t < hi)
+    meta_loc = (meta_idx_t[in_block] - lo).to(device)
+    meta_loc_lab = meta_lab_t[in_block].to(device)
+    meta_lab_t = meta_lab_t.to(device)
 
     y0 = F.one_hot(noisy_t, num_classes).float()
-    y0[meta_idx_t] = F.one_hot(meta_lab_t, num_classes).float()
-    state = [_View(x, y0, cfg, gen) for x in xs]
-    truth_t = None if truth is None else torch.as_tensor(np.asarray(truth), dtype=torch.long, device=device)
+    y0[meta_loc] = F.one_hot(meta_loc_lab, num_classes).float()
+    state = [_View(x, xm, y0, cfg, gen) for x, xm in zip(xs, xms)]
+    truth_t = None if truth is None else torch.as_tensor(np.asarray(truth), dtype=torch.long)[lo:hi].to(device)
+    n_train = int(train_idx.numel())
+
+    def accuracy(soft_or_y: torch.Tensor) -> float:
+        hits = (soft_or_y[train_loc].argmax(1) == truth_t[train_loc]).sum().to(torch.float64)
+        return float(dist.sum_(hits.reshape(1))[0]) / max(n_train, 1)
 
     # EAC trains in mini-batches over each batch; small data sets get several passes per epoch so the
     # head sees at least eac_min_steps updates an epoch (the script's one pass assumes 49,000 samples)
@@ -319,7 +399,8 @@ def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta
     passes = max(1, math.ceil(cfg.eac_min_steps / steps_per_pass))
 
     history: list[dict] = []
-    bar = tqdm(range(cfg.epochs), desc="dmlp purify", unit="epoch", disable=not progress, leave=False)
+    bar = tqdm(range(cfg.epochs), desc="dmlp purify", unit="epoch", disable=not (progress and dist.is_main),
+               leave=False)
     for epoch in bar:
         if cfg.eac_lr_decay_epoch is not None and epoch == cfg.eac_lr_decay_epoch + 1:
             # the script's schedule: lr x0.1 once epoch > 3
@@ -327,42 +408,45 @@ def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta
                 for g in v.opt_h.param_groups:
                     g["lr"] = cfg.eac_lr * 0.1
         ipc_loss, eac_loss = 0.0, 0.0
-        for b, idx in enumerate(batches):
+        for b, (idx, loc) in enumerate(zip(batches, local_batches)):
             for v in state:
                 if cfg.use_ipc:
-                    ipc_loss += _ipc_step(v, b, idx, v.x[meta_idx_t], meta_lab_t, cfg) / (len(batches) * len(state))
+                    ipc_loss += _ipc_step(v, b, loc, idx.numel(), meta_lab_t, cfg, dist) / (len(batches) * len(state))
                 if cfg.use_eac:
                     for _ in range(passes):
-                        eac_loss += _eac_pass(v, idx, cfg, gen) / (len(batches) * len(state) * passes)
+                        eac_loss += _eac_pass(v, idx, cfg, gen, lo, hi, dist) / (len(batches) * len(state) * passes)
         exchanged = False
         if cfg.use_eac and cfg.eac_period > 0 and (epoch + 1) % cfg.eac_period == 0:
-            logits = [v.logits() for v in state]
             with torch.no_grad():
-                for i, v in enumerate(state):
-                    z = logits[(i + 1) % len(state)]
+                others = []
+                for i in range(len(state)):
+                    src = state[(i + 1) % len(state)]
+                    z = src.logits()
                     if cfg.eac_target == "posterior":
                         # the trusted rows are held out from EAC training: calibrate the head on them
-                        other = F.softmax(z / fit_temperature(z[meta_idx_t], meta_lab_t), dim=1)
-                        other, trans = label_posterior(other, noisy_t, meta_idx_t, meta_lab_t, cfg.transition_prior)
+                        other = F.softmax(z / src.temperature(meta_lab_t), dim=1)
+                        other, _ = label_posterior(other, noisy_t, meta_loc, meta_loc_lab, cfg.transition_prior,
+                                                   dist=dist)
                     else:
                         other = F.softmax(z, dim=1)
-                    mixed = (1 - cfg.eac_mix) * v.y[train_idx] + cfg.eac_mix * other[train_idx]
-                    v.y[train_idx] = mixed
+                    others.append(other)
+                for v, other in zip(state, others):
+                    v.y[train_loc] = (1 - cfg.eac_mix) * v.y[train_loc] + cfg.eac_mix * other[train_loc]
             exchanged = True
         rec = {"epoch": epoch + 1, "ipc_loss": ipc_loss, "eac_loss": eac_loss, "exchanged": exchanged}
         if truth_t is not None:
             with torch.no_grad():
                 for i, v in enumerate(state):
-                    rec[f"label_accuracy_view{i + 1}"] = float((v.y[train_idx].argmax(1) == truth_t[train_idx]).float().mean())
-                soft = _readout(state, cfg, noisy_t, meta_idx_t, meta_lab_t)
-                rec["label_accuracy"] = float((soft[train_idx].argmax(1) == truth_t[train_idx]).float().mean())
+                    rec[f"label_accuracy_view{i + 1}"] = accuracy(v.y)
+                rec["label_accuracy"] = accuracy(_readout(state, cfg, noisy_t, meta_loc, meta_loc_lab, meta_lab_t, dist))
             bar.set_postfix(acc=f"{rec['label_accuracy']:.3f}")
         history.append(rec)
         if on_epoch is not None:
             on_epoch(epoch, rec)
 
     with torch.no_grad():
-        soft = _readout(state, cfg, noisy_t, meta_idx_t, meta_lab_t)
+        soft = _readout(state, cfg, noisy_t, meta_loc, meta_loc_lab, meta_lab_t, dist)
+        soft = dist.gather_blocks(soft.contiguous(), n)
         conf, hard = soft.max(dim=1)
     return PurifyResult(soft=soft.cpu().numpy().astype(np.float32), hard=hard.cpu().numpy().astype(np.int64),
                         confidence=conf.cpu().numpy().astype(np.float32), history=history,

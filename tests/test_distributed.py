@@ -1,0 +1,95 @@
+"""Several processes (torchrun / accelerate launch, gloo on the CPU): the purifier shards its rows and
+all-reduces its sufficient statistics, so 2 processes give the labels 1 process gives; a plain
+``Accelerator()``, which miscounts the processes on a CPU, is refused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = ROOT / "tests" / "workers"
+
+
+def _launch(args, tmp_path, nproc=2, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_purify_like_one(tmp_path):
+    sys.path.insert(0, str(WORKERS))
+    from dist_purify import CFG, problem
+
+    from dmlp_plugin.purifier.dmlp import purify
+
+    out = str(tmp_path / "two.npz")
+    r = _launch([str(WORKERS / "dist_purify.py"), out], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = np.load(out)
+    info = json.loads(Path(out + ".json").read_text())
+    assert info["world_size"] == 2
+    x, y, noisy, meta = problem()
+    one = purify([x], noisy, meta, y[meta], 10, CFG, truth=y, progress=False)
+    np.testing.assert_array_equal(two["hard"], one.hard)
+    np.testing.assert_allclose(two["soft"], one.soft, atol=1e-4)
+    assert info["history"]["label_accuracy"] == pytest.approx(one.history[-1]["label_accuracy"], abs=1e-3)
+    assert np.mean(one.hard == y) > 0.75  # it purified (80% noise in)
+
+
+def test_purify_command_under_torchrun(tmp_path):
+    from dmlp_plugin.cli import main
+
+    args = ["purify", str(ROOT / "configs" / "purify-digits.yaml"), "--no-progress",
+            "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 10}",
+            "--set", f"features.cache_dir={tmp_path / 'cache'}"]
+    r = _launch(["-m", "dmlp_plugin", *args[:2], "--out", str(tmp_path / "two"), *args[2:]], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1 and "(2 processes)" in r.stdout  # process 0 speaks and writes
+    assert main([*args[:2], "--out", str(tmp_path / "one"), *args[2:]]) == 0
+    one, two = np.load(tmp_path / "one" / "labels.npz"), np.load(tmp_path / "two" / "labels.npz")
+    np.testing.assert_array_equal(one["hard"], two["hard"])
+    np.testing.assert_allclose(one["soft"], two["soft"], atol=1e-4)
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    assert m1["label_accuracy_after"] == pytest.approx(m2["label_accuracy_after"], abs=1e-9)
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_plain_accelerator_on_cpu_is_refused(tmp_path):
+    r = _launch([str(WORKERS / "plain_accelerator.py")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "GUARD MISSED" not in r.stdout
+    assert r.stdout.count("refused: a plain Accelerator() reports 1 process(es) but the launcher started 2") == 2
+
+
+def test_world_size_guard_in_one_process(monkeypatch):
+    from dmlp_plugin.distributed import Dist, check_world_size, current
+    from dmlp_plugin.errors import UserError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert current() == Dist()
+    check_world_size(1)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(UserError, match="reports 1 process.*started 4.*cpu=True"):
+        check_world_size(1)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(UserError, match="WORLD_SIZE='two'"):
+        current()
+    d = Dist(rank=1, world_size=3)
+    assert [d.block(10, r) for r in range(3)] == [(0, 3), (3, 6), (6, 10)] and d.block(10) == (3, 6)
+
+
+def test_bench_under_a_launcher_is_refused_cleanly(tmp_path, monkeypatch, capsys):
+    from dmlp_plugin.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["bench", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "b")]) == 2
+    assert "dmlp bench runs in one process (this launch started 2)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
