@@ -56,7 +56,13 @@ class Dist:
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum over all processes (returns t)."""
         if self.world_size > 1:
-            torch.distributed.all_reduce(t)
+            _in_place(t, torch.distributed.all_reduce)
+        return t
+
+    def broadcast_(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """In place: every process gets process ``src``'s t (returns t)."""
+        if self.world_size > 1:
+            _in_place(t, lambda c: torch.distributed.broadcast(c, src=src))
         return t
 
     def gather_blocks(self, local: torch.Tensor, n: int) -> torch.Tensor:
@@ -78,6 +84,17 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def _in_place(t: torch.Tensor, collective) -> None:
+    """Run a collective on t's values in row-major order. gloo sends a tensor's storage as laid out, so a
+    column-major tensor (what torch.cholesky_solve returns) would arrive transposed in a row-major one."""
+    if t.is_contiguous():
+        collective(t)
+    else:
+        c = t.contiguous()
+        collective(c)
+        t.copy_(c)
 
 
 def current(device: str = "cpu") -> Dist:

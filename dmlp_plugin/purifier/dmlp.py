@@ -35,7 +35,8 @@ trusted labels. ``eac_target: posterior`` uses the same posterior as the exchang
 paper's exchange uses the other head's prediction).
 
 Memory beyond the features: O(n_batches * d^2 + N * C) (label matrices, Adam moments, Cholesky factors);
-per-batch temporaries are O(B * d) for the gathered rows.
+per-batch temporaries are O(B * d) for the gathered rows. Under P processes (:mod:`dmlp_plugin.distributed`)
+each holds N/P rows and the factors of 1/P of the batches: O(n_batches * d^2 / P + N * C / P + d^2).
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ class _View:
             self.head.bias.copy_(torch.rand(c, generator=gen, device="cpu").to(x.device) * 2 * bound - bound)
         self.opt_h = torch.optim.Adam(self.head.parameters(), lr=cfg.eac_lr, betas=cfg.eac_betas,
                                       weight_decay=cfg.eac_weight_decay)
-        self.chol: dict[int, torch.Tensor] = {}
+        self.chol: dict[int, torch.Tensor] = {}  # Cholesky factors of the batches this process owns
+        self.gram_done: set[int] = set()
 
     def logits(self, chunk: int = 65536) -> torch.Tensor:
         with torch.no_grad():
@@ -240,26 +242,22 @@ def _ipc_step(view: _View, b: int, loc: torch.Tensor, nb: int, ym: torch.Tensor,
 
     W = G^-1 X_B^T Y_B with G = X_B^T X_B + ridge; the meta loss L depends on Y_B only through W, so
     dL/dY_B = X_B G^-1 dL/dW (G symmetric). G, X_B^T Y_B and dL/dW are sums over rows, all-reduced across
-    processes; each process then updates its own rows. Returns the loss (identical on every process)."""
+    processes; the Cholesky factor of G is kept by one process (batch b's owner, b mod P), which solves and
+    broadcasts the (d, C) results, so each process holds 1/P of the factors; each process then updates its own
+    rows. Returns the loss (identical on every process)."""
+    owner = b % dist.world_size
     xb = view.x[loc]
-    if b not in view.chol:
+    if b not in view.gram_done:
         gram = dist.sum_(xb.T @ xb)
-        lam = cfg.ridge * torch.trace(gram) / gram.shape[0]
-        eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-        chol, info = torch.linalg.cholesky_ex(gram + lam * eye)
-        jitter = 1e-6
-        while int(info) != 0:
-            # singular (ridge 0 with d >= batch size, or duplicate rows): the smallest relative ridge
-            # that factorises, as a pseudo-inverse would pick the minimum-norm solution
-            if jitter > 1.0:
-                raise RuntimeError("the Gram matrix of a batch could not be factorised; check the features")
-            chol, info = torch.linalg.cholesky_ex(gram + (lam + jitter * torch.trace(gram) / gram.shape[0]) * eye)
-            jitter *= 10
-        view.chol[b] = chol
-    chol = view.chol[b]
+        view.gram_done.add(b)
+        if dist.rank == owner:
+            view.chol[b] = _factorise(gram, cfg.ridge)
+        del gram
     with torch.no_grad():
         xty = dist.sum_(xb.T @ view.y[loc])
-    w = torch.cholesky_solve(xty, chol).requires_grad_(True)  # (d, C)
+        w = torch.cholesky_solve(xty, view.chol[b]) if dist.rank == owner else torch.empty_like(xty)
+        dist.broadcast_(w, owner)
+    w.requires_grad_(True)  # (d, C)
     zm = view.xm @ w
     meta = F.cross_entropy(zm, ym) + torch.sum((zm - F.one_hot(ym, zm.shape[1]).to(zm.dtype)) ** 2)
     local = meta / dist.world_size  # replicated on every process: its gradient is summed P times below
@@ -269,13 +267,31 @@ def _ipc_step(view: _View, b: int, loc: torch.Tensor, nb: int, ym: torch.Tensor,
         local = local + kl
         total += float(kl.detach())
     (grad_w,) = torch.autograd.grad(local, w)
-    grad_w = dist.sum_(grad_w)
     with torch.no_grad():
+        grad_w = dist.sum_(grad_w)
+        v = torch.cholesky_solve(grad_w, view.chol[b]) if dist.rank == owner else torch.empty_like(grad_w)
+        dist.broadcast_(v, owner)
         grad_y = torch.zeros_like(view.y)
-        grad_y[loc] = xb @ torch.cholesky_solve(grad_w, chol)
+        grad_y[loc] = xb @ v
     view.y.grad = grad_y
     view.opt_y.step()
     return total
+
+
+def _factorise(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Cholesky factor of gram + ridge * tr(gram)/d * I. A singular gram (ridge 0 with d >= batch size, or
+    duplicate rows) gets the smallest relative ridge that factorises, as a pseudo-inverse would pick the
+    minimum-norm solution."""
+    lam = ridge * torch.trace(gram) / gram.shape[0]
+    eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+    chol, info = torch.linalg.cholesky_ex(gram + lam * eye)
+    jitter = 1e-6
+    while int(info) != 0:
+        if jitter > 1.0:
+            raise RuntimeError("the Gram matrix of a batch could not be factorised; check the features")
+        chol, info = torch.linalg.cholesky_ex(gram + (lam + jitter * torch.trace(gram) / gram.shape[0]) * eye)
+        jitter *= 10
+    return chol
 
 
 def _global_mean(p: torch.Tensor, n: int, dist: Dist) -> torch.Tensor:
