@@ -1,6 +1,7 @@
 """Several processes (torchrun / accelerate launch, gloo on the CPU): the purifier shards its rows and
 all-reduces its sufficient statistics, so 2 processes give the labels 1 process gives; a plain
-``Accelerator()``, which miscounts the processes on a CPU, is refused."""
+``Accelerator()``, which miscounts the processes on a CPU, is refused; a 2-process training run killed with
+SIGKILL resumes to the uninterrupted result."""
 
 import json
 import os
@@ -15,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "tests" / "workers"
 
 
-def _launch(args, tmp_path, nproc=2, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+def _launch(args, tmp_path, nproc=2, timeout=300, extra_env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(extra_env or {})}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
@@ -93,3 +94,25 @@ def test_bench_under_a_launcher_is_refused_cleanly(tmp_path, monkeypatch, capsys
     assert main(["bench", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "b")]) == 2
     assert "dmlp bench runs in one process (this launch started 2)" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("method", ["ce", "elr"])
+def test_killed_two_process_training_resumes_to_the_uninterrupted_result(method, tmp_path):
+    # both processes are SIGKILLed right after epoch 2's checkpoint; the same command then resumes from it
+    # (accelerate load_state: models, optimisers, RNG, loop state) and ends where an uninterrupted run ends
+    worker = str(WORKERS / "dist_train.py")
+    env_kill = {"KILL_AFTER_EPOCH": "2"}
+    killed = _launch([worker, method, "4", str(tmp_path / "ck"), str(tmp_path / "a.json")], tmp_path,
+                     extra_env=env_kill)
+    assert killed.returncode != 0 and not (tmp_path / "a.json").exists()
+    assert (tmp_path / "ck" / "state").is_dir()
+    resumed = _launch([worker, method, "4", str(tmp_path / "ck"), str(tmp_path / "a.json")], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = _launch([worker, method, "4", str(tmp_path / "ck2"), str(tmp_path / "b.json")], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["info"]["resumed_at_epoch"] == 2 and b["info"]["resumed_at_epoch"] is None
+    assert a["info"]["num_processes"] == 2
+    assert [c["epoch"] for c in a["curve"]] == [1, 2, 3, 4]
+    assert [c["test_accuracy"] for c in a["curve"]] == [c["test_accuracy"] for c in b["curve"]]
+    assert [c["train_loss"] for c in a["curve"]] == [c["train_loss"] for c in b["curve"]]
