@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dmlp_plugin.config import ARMS, BenchConfig, MethodConfig, NoiseConfig, PurifyConfig, to_dict
+from dmlp_plugin.distributed import Dist, current
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.hardware import resolve_device
 from dmlp_plugin.registry import load_registry
@@ -163,8 +164,10 @@ def _read_json(path: Path):
 
 
 def _purify_cell(cfg: BenchConfig, noise: NoiseConfig, seed: int, data, views, built, device, out: Path,
-                 progress: bool):
-    """The labels artifact of one (noise, seed) cell: reused from ``out/purify/...`` when its key matches."""
+                 progress: bool, dist: Dist = Dist()):
+    """The labels artifact of one (noise, seed) cell: reused from ``out/purify/...`` when its key matches.
+    Under several processes all of them decide from the same files, purify together (rows sharded) and
+    process 0 writes."""
     from dmlp_plugin import pipeline  # noqa: PLC0415
     from dmlp_plugin.artifacts import load_labels, save_labels  # noqa: PLC0415
     from dmlp_plugin.atomic import write_json  # noqa: PLC0415
@@ -173,6 +176,7 @@ def _purify_cell(cfg: BenchConfig, noise: NoiseConfig, seed: int, data, views, b
     key = _hash({"format": FORMAT_VERSION, "config": to_dict(pcfg), "features": views.provenance,
                  "data": data.train.fingerprint()})
     folder = out / "purify" / f"{noise_tag(noise)}-s{seed}"
+    dist.barrier()  # every process reads what process 0 has written so far
     metrics = _read_json(folder / "metrics.json")
     if metrics is not None and metrics.get("bench_key") == key and (folder / "labels.npz").is_file():
         try:
@@ -180,16 +184,18 @@ def _purify_cell(cfg: BenchConfig, noise: NoiseConfig, seed: int, data, views, b
         except UserError:
             pass  # damaged: purify again
     p = pipeline.purify_labels(pcfg, data, views, built["purify"], device, progress, raw=to_dict(pcfg))
-    metrics = {**p.metrics, "bench_key": key}
-    save_labels(folder / "labels.npz", p.artifact)
-    write_json(folder / "history.json", p.result.history)
-    write_json(folder / "metrics.json", metrics)
+    metrics = {**p.metrics, "bench_key": key, "world_size": dist.world_size}
+    if dist.is_main:
+        save_labels(folder / "labels.npz", p.artifact)
+        write_json(folder / "history.json", p.result.history)
+        write_json(folder / "metrics.json", metrics)
     return p.artifact, metrics, key
 
 
 def _train_cell(spec: RunSpec, trainer, art, data, purify_key: str, cfg: BenchConfig, device: str,
-                out: Path, progress: bool) -> dict:
-    """Train one method on one arm; returns the run record (reused when its key matches)."""
+                out: Path, progress: bool, dist: Dist = Dist()) -> dict:
+    """Train one method on one arm; returns the run record (reused when its key matches). Under several
+    processes the trainer runs data-parallel (accelerate) and process 0 writes."""
     from baselines.common import TrainData  # noqa: PLC0415
     from dmlp_plugin.atomic import write_json  # noqa: PLC0415
 
@@ -197,6 +203,7 @@ def _train_cell(spec: RunSpec, trainer, art, data, purify_key: str, cfg: BenchCo
     key = _hash({"format": FORMAT_VERSION, "method": dataclasses.asdict(trainer), "name": spec.method.name,
                  "arm": spec.arm, "purify": purify_key, "noise_rate": cfg.noise_rate,
                  "test": data.test.fingerprint()})
+    dist.barrier()
     done = _read_json(folder / "result.json")
     if done is not None and done.get("key") == key:
         done["reused"] = True
@@ -209,8 +216,9 @@ def _train_cell(spec: RunSpec, trainer, art, data, purify_key: str, cfg: BenchCo
                    noise_rate=min(wrong, 0.999) if known else None,
                    noise_rate_source="known: measured against the true labels (oracle)" if known else None)
     ckpt = folder / "checkpoint"
-    if done is not None:  # a finished run of other settings: start this one afresh
+    if done is not None and dist.is_main:  # a finished run of other settings: start this one afresh
         shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()
     dev = "cuda" if device.startswith("cuda") else "cpu"
     res = trainer.run(td, device=dev, seed=spec.seed, progress=progress, checkpoint_dir=ckpt, true_labels=truth)
     record = {
@@ -221,8 +229,9 @@ def _train_cell(spec: RunSpec, trainer, art, data, purify_key: str, cfg: BenchCo
         "trusted_size": int(art.meta_indices.size), "run_id": spec.run_id, "key": key,
         "curve": res.curve, "info": res.info,
     }
-    write_json(folder / "result.json", record)
-    shutil.rmtree(ckpt, ignore_errors=True)  # finished: the checkpoint is no longer needed
+    if dist.is_main:
+        write_json(folder / "result.json", record)
+        shutil.rmtree(ckpt, ignore_errors=True)  # finished: the checkpoint is no longer needed
     return record
 
 
@@ -255,16 +264,19 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
     pipeline.check_out_dir(out)
     built = validate_bench(cfg)
     device = resolve_device(cfg.device)
+    dist = current(device)  # under accelerate launch / torchrun: sharded purification, data-parallel training
+    progress = progress and dist.is_main
     first = purify_config(cfg, cfg.noise[0], cfg.seeds[0])
     data = pipeline.load_data(first)
     if data.test is None:
         raise UserError(f"dataset {cfg.dataset.name!r} has no test split, which the benchmark scores on; "
                         f"give dataset.params that keep one (e.g. test_fraction: 0.2)")
     t0 = time.perf_counter()
-    views = pipeline.make_views(first, data, device, built["purify"], progress)
+    views = pipeline.make_views_once(first, data, device, built["purify"], progress, dist)
     feature_seconds = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", pipeline.yaml_dump(raw or to_dict(cfg)))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", pipeline.yaml_dump(raw or to_dict(cfg)))
 
     specs = grid(cfg)
     trainers = {method_label(m): t for m, t in zip(cfg.methods, built["methods"])}
@@ -277,15 +289,16 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
             if cell is None or cell[0] != (noise_tag(spec.noise), spec.seed):
                 bar.set_description(f"bench: purify {noise_tag(spec.noise)} seed {spec.seed}")
                 art, pmetrics, pkey = _purify_cell(cfg, spec.noise, spec.seed, data, views, built, device, out,
-                                                   progress)
+                                                   progress, dist)
                 purifications[f"{noise_tag(spec.noise)}-s{spec.seed}"] = pmetrics
                 cell = ((noise_tag(spec.noise), spec.seed), art, pkey)
             bar.set_description(f"bench: {spec.method.name} on {spec.arm} ({noise_tag(spec.noise)}, seed {spec.seed})")
             rec = _train_cell(spec, trainers[method_label(spec.method)], cell[1], data, cell[2], cfg, device, out,
-                              progress)
+                              progress, dist)
             records.append(rec)
-            write_json(out / "results.json", [_public(r) for r in records])
-            write_text(out / "results.csv", results_csv(records))
+            if dist.is_main:
+                write_json(out / "results.json", [_public(r) for r in records])
+                write_text(out / "results.csv", results_csv(records))
             bar.update(1)
     finally:
         bar.close()
@@ -294,9 +307,12 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
                "preprocessor": {"name": cfg.preprocessor.name, "params": cfg.preprocessor.params},
                "trusted": to_dict(cfg.trusted), "noise_rate": cfg.noise_rate, "seeds": list(cfg.seeds),
                "arms": list(cfg.arms), "dataset": cfg.dataset.name,
-               "n_train": len(data.train), "n_test": len(data.test), "num_classes": data.train.num_classes}
-    write_json(out / "purification.json", purifications)
-    write_bench_report(out, records, purifications, summary)
+               "n_train": len(data.train), "n_test": len(data.test), "num_classes": data.train.num_classes,
+               "world_size": dist.world_size}
+    if dist.is_main:
+        write_json(out / "purification.json", purifications)
+        write_bench_report(out, records, purifications, summary)
+    dist.barrier()
     return records
 
 

@@ -87,13 +87,35 @@ def test_world_size_guard_in_one_process(monkeypatch):
     assert [d.block(10, r) for r in range(3)] == [(0, 3), (3, 6), (6, 10)] and d.block(10) == (3, 6)
 
 
-def test_bench_under_a_launcher_is_refused_cleanly(tmp_path, monkeypatch, capsys):
-    from dmlp_plugin.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["bench", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "b")]) == 2
-    assert "dmlp bench runs in one process (this launch started 2)" in capsys.readouterr().err
-    assert not (tmp_path / "b").exists()
+def test_bench_under_torchrun(tmp_path):
+    # the whole A/B grid on 2 processes: sharded purification, data-parallel training, process 0 writes;
+    # a second launch reuses every finished run
+    config = tmp_path / "bench.yaml"
+    config.write_text("""
+seeds: [0]
+dataset: {name: digits}
+noise: [{kind: symmetric, rate: 0.5}]
+trusted: {source: clean_sample, size: 0.03}
+features: {source: raw}
+preprocessor: {name: dmlp, params: {epochs: 10}}
+arms: [noisy, purified]
+methods: [{name: ce, params: {epochs: 2}}]
+""")
+    cmd = ["-m", "dmlp_plugin", "bench", str(config), "--out", str(tmp_path / "b"), "--no-progress"]
+    first = _launch(cmd, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("wrote ") == 1
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert [(r["method"], r["labels"]) for r in results] == [("ce", "noisy"), ("ce", "purified")]
+    assert all(r["info"]["num_processes"] == 2 and 0 <= r["test_accuracy"] <= 1 for r in results)
+    purification = json.loads((tmp_path / "b" / "purification.json").read_text())
+    assert purification["symmetric-50-s0"]["world_size"] == 2
+    assert (tmp_path / "b" / "report.md").is_file()
+    stamp = (tmp_path / "b" / "runs").stat().st_mtime_ns, sorted(p.name for p in (tmp_path / "b" / "runs").iterdir())
+    again = _launch(cmd, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "b" / "results.json").read_text()) == results  # reused, not retrained
+    assert sorted(p.name for p in (tmp_path / "b" / "runs").iterdir()) == stamp[1]
 
 
 @pytest.mark.parametrize("method", ["ce", "elr"])
