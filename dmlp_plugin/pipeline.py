@@ -451,13 +451,9 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
 
 
 def make_views_once(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, progress: bool, dist) -> Views:
-    """:func:`make_views`, with SSL features trained by process 0 alone when several run: the others wait,
-    then read them from the cache it wrote (features are made once, whatever the number of processes)."""
-    if dist.world_size == 1:
-        return make_views(cfg, data, device, built, progress)
-    views = make_views(cfg, data, device, built, progress) if dist.is_main else None
-    dist.barrier()
-    return views if views is not None else make_views(cfg, data, device, built, False)
+    """:func:`make_views` in every process of a launch: SSL features are trained data-parallel by all of them,
+    extracted and cached by process 0 and read by the others (:func:`features.cache.get_features`)."""
+    return make_views(cfg, data, device, built, progress and dist.is_main)
 
 
 def yaml_dump(obj) -> str:

@@ -5,6 +5,7 @@ SIGKILL resumes to the uninterrupted result."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,29 @@ def test_killed_two_process_training_resumes_to_the_uninterrupted_result(method,
     assert [c["epoch"] for c in a["curve"]] == [1, 2, 3, 4]
     assert [c["test_accuracy"] for c in a["curve"]] == [c["test_accuracy"] for c in b["curve"]]
     assert [c["train_loss"] for c in a["curve"]] == [c["train_loss"] for c in b["curve"]]
+
+
+def test_simclr_features_under_torchrun(tmp_path):
+    # stage 1 data-parallel: both processes train SimCLR (DDP, whole-batch NT-Xent over gathered embeddings),
+    # process 0 caches the features once, and purification reads them
+    args = ["-m", "dmlp_plugin", "purify", str(ROOT / "configs" / "purify-digits.yaml"), "--out", str(tmp_path / "o"),
+            "--no-progress", "--set", f"features.cache_dir={tmp_path / 'cache'}",
+            "--set", "features.ssl={backbone: test_resnet, image_size: 16, epochs: 2, batch_size: 128, hflip: false}",
+            "--set", "preprocessor.params={epochs: 5}"]
+    r = _launch(args, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert [c for c in caches if c.endswith(".npz")] and not [c for c in caches if c.endswith(".pt")]
+    sidecar = next((tmp_path / "cache").glob("features-*.json"))
+    prov = json.loads(sidecar.read_text())
+    assert prov["world_size"] == 2 and len(prov["loss_history"]) == 2
+    assert all(np.isfinite(prov["loss_history"]))
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["label_accuracy_after"] > metrics["label_accuracy_before"]
+
+
+def test_data_parallel_nt_xent_gradient_equals_the_whole_batch_one(tmp_path):
+    r = _launch([str(WORKERS / "dist_ntxent.py")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    diffs = [float(v) for v in re.findall(r"max grad diff (\S+) of", r.stdout)]  # lines may interleave
+    assert len(diffs) == 2 and max(diffs) < 1e-6

@@ -301,3 +301,14 @@ def test_cpu_bf16_hazard_falls_back_to_float32(patterns, monkeypatch):
     images, _ = patterns
     model = train_simclr(images, SimCLRConfig(**{**TINY, "epochs": 3}), progress=False)
     assert all(math.isfinite(v) for v in model.simclr_losses)
+
+
+def test_cache_key_separates_data_parallel_features():
+    # data-parallel SimCLR keeps BatchNorm statistics per process: its features must not pass for 1 process's
+    from dmlp_plugin.data.datasets import load_digits
+    from dmlp_plugin.features import cache
+
+    data = load_digits().train
+    cfg = SimCLRConfig(**TINY)
+    assert cache.cache_key(data, cfg) == cache.cache_key(data, cfg, 1)
+    assert cache.cache_key(data, cfg, 2) != cache.cache_key(data, cfg)

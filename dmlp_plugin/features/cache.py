@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dmlp_plugin.atomic import write_json, write_npz
+from dmlp_plugin.distributed import current
 from dmlp_plugin.records import ImageSet
 
 FORMAT_VERSION = 1
@@ -48,10 +49,14 @@ class FeatureBank:
     provenance: dict = field(default_factory=dict)
 
 
-def cache_key(imageset: ImageSet, cfg) -> str:
-    """sha256 over (data fingerprint, settings as sorted JSON, format version), 16 hex digits."""
-    payload = json.dumps({"data": imageset.fingerprint(), "config": dataclasses.asdict(cfg),
-                          "format": FORMAT_VERSION}, sort_keys=True)
+def cache_key(imageset: ImageSet, cfg, world_size: int = 1) -> str:
+    """sha256 over (data fingerprint, settings as sorted JSON, format version, and the number of processes
+    when more than one: data-parallel SimCLR keeps BatchNorm statistics per process, so its features differ
+    from one process's), 16 hex digits."""
+    payload = {"data": imageset.fingerprint(), "config": dataclasses.asdict(cfg), "format": FORMAT_VERSION}
+    if world_size > 1:
+        payload["world_size"] = world_size
+    payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -85,14 +90,16 @@ def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: 
     import torch  # noqa: PLC0415 - heavy imports on use (a cache hit still needs none of the model code)
 
     cache_dir = Path(cache_dir)
-    key = cache_key(imageset, cfg)
+    dist = current(device)
+    key = cache_key(imageset, cfg, dist.world_size)
     path = cache_dir / f"features-{key}.npz"
     sidecar = cache_dir / f"features-{key}.json"
     n = len(imageset)
+    dist.barrier()  # under several processes every one sees the same cache
     if path.exists():
         bank = _load(path, n)
         if bank is not None:
-            if not sidecar.exists():
+            if not sidecar.exists() and dist.is_main:
                 write_json(sidecar, bank.provenance)
             return bank
 
@@ -102,8 +109,14 @@ def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: 
     ckpt = cache_dir / f"ssl-{key}.pt"
     cache_dir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    model = ssl.train_simclr(imageset.images, cfg, device=device, progress=progress, checkpoint=ckpt)
+    model = ssl.train_simclr(imageset.images, cfg, device=device, progress=progress, checkpoint=ckpt, dist=dist)
     train_seconds = time.perf_counter() - t
+    if not dist.is_main:  # process 0 extracts and writes the features; the others read them
+        dist.barrier()
+        bank = _load(path, n)
+        if bank is None:
+            raise RuntimeError(f"process {dist.rank}: the features process 0 wrote to {path} cannot be read")
+        return bank
     views = {name: extract_features(model, imageset.images, cfg.image_size, device, flip=(name == "hflip"))
              for name in VIEWS}
     losses = [round(float(v), 5) for v in getattr(model, "simclr_losses", [])]
@@ -122,6 +135,7 @@ def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: 
         "data_name": imageset.name,
         "n": n,
         "device": str(device),
+        "world_size": dist.world_size,
         "torch": torch.__version__,
         "timm": _timm_version(),
         "format": FORMAT_VERSION,
@@ -130,6 +144,7 @@ def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: 
     write_npz(path, **views, provenance=np.array(json.dumps(provenance)))
     write_json(sidecar, provenance)
     ckpt.unlink(missing_ok=True)
+    dist.barrier()
     return FeatureBank(views=views, path=str(path), provenance=provenance)
 
 

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from dmlp_plugin.atomic import atomic_path
+from dmlp_plugin.distributed import Dist, current
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.features.augment import simclr_view
 from dmlp_plugin.features.backbone import check_backbone_name, create_backbone
@@ -235,7 +236,7 @@ def _load_checkpoint(path: str, identity: dict, device: torch.device) -> dict | 
 
 def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.device = "cpu",
                  progress: bool = True, checkpoint: str | os.PathLike | None = None,
-                 on_epoch_end: Callable[[int, float], None] | None = None) -> nn.Module:
+                 on_epoch_end: Callable[[int, float], None] | None = None, dist: Dist | None = None) -> nn.Module:
     """Train a backbone with SimCLR on ``images`` (uint8 (N, H, W, C), C in {1, 3}; no labels).
 
     Returns the backbone (projection head dropped) in eval mode on ``device``; its attribute
@@ -244,6 +245,12 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
     and a later call with the same path, settings and images resumes after the last saved epoch (a file
     from other settings or an unreadable one is ignored with a warning). ``on_epoch_end(epoch, loss)`` is
     called after each epoch (0-based) once its checkpoint is written.
+
+    Under several processes (``dist``; default: those of the launcher) training is data-parallel: every
+    process draws the same batch order and augmentations, embeds its contiguous 1/P of each batch, the
+    embeddings are all-gathered so NT-Xent sees the whole batch (all negatives), and the gradients are
+    averaged by DDP (accelerate's ``prepare``). BatchNorm statistics are per process. The batch size is
+    rounded down to a multiple of P. Process 0 writes the checkpoint; every process resumes from it.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
@@ -253,7 +260,12 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
     if n < 2:
         raise UserError(f"SimCLR needs at least 2 images, got {n}")
     device = torch.device(device)
+    dist = current(device.type) if dist is None else dist
     bs = min(cfg.batch_size, n)
+    bs -= bs % dist.world_size
+    if bs < dist.world_size:
+        raise UserError(f"SimCLR batch of {min(cfg.batch_size, n)} images cannot be split over "
+                        f"{dist.world_size} processes; use fewer processes or a larger features.ssl.batch_size")
     steps = n // bs
     total_steps = steps * cfg.epochs
     warmup_steps = min(steps * cfg.warmup_epochs, total_steps // 2)
@@ -261,12 +273,14 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
     net, hazard = _build(cfg, int(images.shape[-1]))
     net = net.to(device)
     opt = _make_optimizer(cfg, net)
+    plain = net  # the module whose weights are saved and returned (DDP wraps it under several processes)
     losses: list[float] = []
     start = 0
     identity = None
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
         identity = {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "data": _data_hash(images)}
+        dist.barrier()  # process 0 may have just written it
         state = _load_checkpoint(checkpoint, identity, device) if os.path.exists(checkpoint) else None
         if state is not None:
             net.load_state_dict(state["model"])
@@ -278,11 +292,20 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
     # data stays 4x smaller than a float copy).
     data = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(device)
     use_amp = _amp_enabled(cfg, device, hazard)
+    if dist.world_size > 1:
+        from accelerate import Accelerator  # noqa: PLC0415 - only under a launcher
+
+        from dmlp_plugin.distributed import check_world_size  # noqa: PLC0415
+
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")  # autocast is ours, below
+        check_world_size(accelerator.num_processes)
+        net, opt = accelerator.prepare(net, opt)
+    lo, hi = dist.rank * bs // dist.world_size, (dist.rank + 1) * bs // dist.world_size
     aug = dict(size=cfg.image_size, crop_scale_min=cfg.crop_scale_min, hflip=cfg.hflip, jitter=cfg.jitter,
                jitter_p=0.8 if cfg.jitter > 0 else 0.0, gray_p=cfg.gray_p)
 
-    bar = tqdm(total=total_steps, initial=start * steps, desc="simclr", unit="batch", disable=not progress,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start * steps, desc="simclr", unit="batch",
+               disable=not (progress and dist.is_main), leave=False, dynamic_ncols=True)
     net.train()
     try:
         for epoch in range(start, cfg.epochs):
@@ -296,13 +319,19 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
                 x = data[order[s * bs:(s + 1) * bs]].float().div_(255.0)
                 v1 = simclr_view(x, gen, **aug)
                 v2 = simclr_view(x, gen, **aug)
+                if dist.world_size > 1:  # the same augmented batch everywhere; each process embeds its part
+                    v1, v2 = v1[lo:hi], v2[lo:hi]
                 views = torch.cat([v1, v2]).sub_(0.5).div_(0.5)  # the normalisation of backbone.to_input
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                     z = net(views)
                 z1, z2 = z.float().chunk(2)
+                if dist.world_size > 1:
+                    z1, z2 = _gather_keep_grad(z1, dist), _gather_keep_grad(z2, dist)
                 loss = nt_xent(z1, z2, cfg.temperature)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # DDP averages the P processes' gradients; each holds the gradient through its own rows only,
+                # so scaling by P makes the average the gradient of the whole-batch loss
+                (loss * dist.world_size).backward()
                 opt.step()
                 value = float(loss.detach())
                 if not math.isfinite(value):
@@ -312,9 +341,9 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / (s + 1):.4f}")
             losses.append(total / steps)
-            if checkpoint is not None:
+            if checkpoint is not None and dist.is_main:
                 state = {"identity": identity, "epoch": epoch + 1, "losses": list(losses),
-                         "model": net.state_dict(), "optimizer": opt.state_dict()}
+                         "model": plain.state_dict(), "optimizer": opt.state_dict()}
                 with atomic_path(checkpoint) as tmp:  # temp file + os.replace: a kill leaves the old one
                     torch.save(state, tmp)
             if on_epoch_end is not None:
@@ -322,6 +351,15 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
     finally:
         bar.close()
 
-    backbone = net.backbone.eval()
+    backbone = plain.backbone.eval()
     backbone.simclr_losses = losses
     return backbone
+
+
+def _gather_keep_grad(z: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """All processes' rows of z in process order (equal row counts), differentiable through this process's
+    own rows only (the others are constants here; their processes hold their gradients)."""
+    parts = [torch.empty_like(z) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(parts, z.detach().contiguous())
+    parts[dist.rank] = z
+    return torch.cat(parts)
