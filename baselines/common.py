@@ -537,8 +537,30 @@ def try_resume(accelerator, checkpoint_dir: str | os.PathLike | None, meta: dict
         diff = sorted(k for k in set(meta) | set(saved or {}) if (saved or {}).get(k) != meta.get(k))
         raise UserError(f"checkpoint_dir {str(root)!r} holds a run that differs in {diff}; resume with the same "
                         f"settings or give an empty checkpoint_dir")
+    _check_state_folder(state, root)
     accelerator.load_state(str(state))
     return True
+
+
+def _check_state_folder(state: Path, root: Path) -> None:
+    """Read every file of an accelerate state folder safely before accelerate does: safetensors headers, and
+    every pickle with ``weights_only=True``. accelerate 1.15 loads the objects given to
+    ``register_for_checkpointing`` with ``weights_only=False``, which would run any code a crafted file holds;
+    our loop state is plain tensors, numbers and lists, so a file that needs more is refused, as is a truncated
+    one."""
+    from accelerate.utils.other import load as safe_load  # noqa: PLC0415 - weights_only=True + numpy RNG globals
+    from safetensors import safe_open  # noqa: PLC0415
+
+    for f in sorted(p for p in state.iterdir() if p.is_file()):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as z:
+                    z.keys()
+            elif f.suffix in (".pkl", ".bin", ".pt"):
+                safe_load(str(f), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, foreign or code-carrying: never load it
+            raise UserError(f"checkpoint {str(root)!r} is damaged or not ours ({f.name}: {type(e).__name__}); "
+                            f"delete that folder to start the run over") from None
 
 
 def save_checkpoint(accelerator, checkpoint_dir: str | os.PathLike | None, meta: dict) -> None:

@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
 
     pur = sub.add_parser("purify", help="purify the labels of a data set (writes labels.npz, metrics.json, report.md)",
                          description="Run data + noise -> features -> purifier on a YAML config and write "
-                                     "DIR/labels.npz, DIR/metrics.json, DIR/report.md and plots.")
+                                     "DIR/labels.npz, DIR/metrics.json, DIR/report.md and plots. Under "
+                                     "`torchrun` or `accelerate launch` the purifier's rows are sharded over the "
+                                     "processes and process 0 writes DIR (see the README).")
     pur.add_argument("config", help="YAML config, e.g. configs/purify-digits.yaml")
     pur.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files in it are replaced)")
     pur.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -38,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                          description="Run the grid {noise settings} x {seeds} x {methods} x {noisy, purified} of a "
                                      "YAML config and write DIR/results.json, DIR/results.csv, DIR/report.md and "
                                      "plots. Finished runs are skipped and a killed run resumes when the same "
-                                     "command is run again.")
+                                     "command is run again. Under `torchrun` or `accelerate launch` purification "
+                                     "is sharded and every method trains data-parallel.")
     ben.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     ben.add_argument("--out", required=True, metavar="DIR", help="output folder (created; reused to resume)")
     ben.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

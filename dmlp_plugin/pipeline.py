@@ -115,7 +115,20 @@ def _count(size: float, n: int) -> int:
 
 def select_trusted(cfg: PurifyConfig, noisy: np.ndarray, truth: np.ndarray | None, num_classes: int,
                    view1: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The trusted meta subset: (indices (M,), labels (M,))."""
+    """The trusted meta subset: (indices (M,), labels (M,)), with at least one sample of every class (the
+    meta loss anchors each class through its trusted samples; a class without any could not be purified)."""
+    idx, labels = _select_trusted(cfg, noisy, truth, num_classes, view1)
+    missing = sorted(set(range(num_classes)) - set(labels.tolist()))
+    if labels.size and missing:
+        where = f"trusted.file {cfg.trusted.file!r}" if cfg.trusted.source == "index_file" else \
+            f"the trusted subset (trusted.source={cfg.trusted.source}, size {labels.size})"
+        raise UserError(f"{where} has no sample of class(es) {missing[:10]}; give at least one trusted sample per "
+                        f"class (or a larger trusted.size with trusted.balanced: true)")
+    return idx, labels
+
+
+def _select_trusted(cfg: PurifyConfig, noisy: np.ndarray, truth: np.ndarray | None, num_classes: int,
+                    view1: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     n = noisy.shape[0]
     t = cfg.trusted
     rng = np.random.default_rng([cfg.seed, 1])
@@ -162,7 +175,9 @@ def _read_index_file(path: Path, n: int, num_classes: int, truth: np.ndarray | N
         if path.suffix == ".npy":
             idx = np.load(path, allow_pickle=False)
         else:
-            rows = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+            first = path.read_text().lstrip().split("\n", 1)[0]
+            header = bool(first) and not first.split(",")[0].strip().lstrip("+-").replace(".", "", 1).isdigit()
+            rows = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64, skiprows=int(header))
             idx = rows[:, 0]
             labels = rows[:, 1] if rows.shape[1] > 1 else None
     except ValueError as e:
@@ -182,8 +197,13 @@ def _read_index_file(path: Path, n: int, num_classes: int, truth: np.ndarray | N
                             f"write index,label rows")
         labels = truth[idx]
     labels = np.asarray(labels)
-    if labels.size and (np.any(labels != np.round(labels)) or labels.min() < 0 or labels.max() >= num_classes):
-        raise UserError(f"trusted.file {str(path)!r} has a label outside 0..{num_classes - 1}")
+    if labels.size and np.any(labels != np.round(labels)):
+        bad = labels[labels != np.round(labels)][0]
+        raise UserError(f"trusted.file {str(path)!r} has a non-integer label {bad:g}; labels are class indices "
+                        f"0..{num_classes - 1}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise UserError(f"trusted.file {str(path)!r} has label {int(bad)} outside 0..{num_classes - 1}")
     order = np.argsort(idx)
     return idx[order], labels.astype(np.int64)[order]
 
@@ -282,6 +302,12 @@ def neighbour_agreement(view1: np.ndarray, labels: np.ndarray, k: int) -> np.nda
 # the whole purify run
 
 
+def _world_size(device: str) -> int:
+    from dmlp_plugin.distributed import current  # noqa: PLC0415
+
+    return current(device).world_size
+
+
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder; give a folder path")
@@ -350,7 +376,7 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
     rest = ~is_meta
     metrics: dict = {
         "dataset": cfg.dataset.name, "num_samples": int(len(noisy)), "num_classes": int(c),
-        "preprocessor": cfg.preprocessor.name, "seed": cfg.seed, "device": device, "world_size": 1,
+        "preprocessor": cfg.preprocessor.name, "seed": cfg.seed, "device": device, "world_size": _world_size(device),
         "noise": {"kind": noisy_labels.kind, "rate": noisy_labels.rate, "flip_rate": noisy_labels.flip_rate,
                   "include_true_class": noisy_labels.include_true_class},
         "trusted": {"source": cfg.trusted.source, "size": int(meta_idx.size),

@@ -1,0 +1,227 @@
+"""The catalogue of bad inputs, through the command line as a user meets them: each gives exit code 2, one
+line ``error: ...`` naming the bad value and what would be right, no traceback, and nothing in the output
+folder. (More cases, at the module level, in test_cli.py, test_data.py, test_artifacts.py, test_registry.py.)
+
+``python tests/test_catalogue.py`` prints the catalogue as a Markdown table (input, message, exit code)."""
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+CONFIG = str(ROOT / "configs" / "purify-digits.yaml")
+FAST = ["--no-progress", "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 5}"]
+N = 1437  # digits training split
+
+
+def _csv(folder, name, rows):
+    (folder / name).write_text("index,label\n" + "".join(f"{i},{c}\n" for i, c in rows))
+
+
+def _files(folder: Path) -> None:
+    """Every bad input file the cases name, written into ``folder`` (the working directory of the run)."""
+    np.save(folder / "f_nan.npy", np.where(np.arange(N * 4).reshape(N, 4) == 13, np.nan, 1.0).astype(np.float32))
+    np.save(folder / "f_inf.npy", np.full((N, 4), np.inf, dtype=np.float32))
+    np.save(folder / "f_str.npy", np.array(["a"] * N))
+    np.save(folder / "f_1d.npy", np.ones(N, dtype=np.float32))
+    np.save(folder / "f_short.npy", np.ones((100, 4), dtype=np.float32))
+    (folder / "f_trunc.npy").write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (1437, 4")
+    _csv(folder, "t_missing.csv", [(i, i % 9) for i in range(40)])
+    _csv(folder, "t_range.csv", [(i, 12 if i == 5 else i % 10) for i in range(40)])
+    _csv(folder, "t_neg.csv", [(i, -1 if i == 5 else i % 10) for i in range(40)])
+    _csv(folder, "t_float.csv", [(i, 1.5 if i == 5 else i % 10) for i in range(40)])
+    _csv(folder, "t_index.csv", [(i if i < 39 else 99999, i % 10) for i in range(40)])
+    _csv(folder, "t_dup.csv", [(i % 39, i % 10) for i in range(40)])
+    np.save(folder / "h_short.npy", np.arange(10) % 10)
+    np.save(folder / "h_range.npy", np.full(N, 17))
+    np.save(folder / "h_neg.npy", np.full(N, -1))
+    np.save(folder / "h_float.npy", np.full(N, 1.5))
+    cifar = folder / "cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"):
+        (cifar / name).write_bytes(b"\x80\x04\x95")  # truncated pickles
+    (folder / "bad.yaml").write_text("noise: {kind: symmetric\nrate: 0.5\n")
+    (folder / "blocker").write_text("a file where a folder would have to be made")
+
+
+# (what the user did, extra arguments after `dmlp purify CONFIG --out OUT`, regex the message must match)
+CASES = [
+    ("malformed YAML", ["@bad.yaml"], r"bad\.yaml.*is not valid YAML at line"),
+    ("unknown config key", ["--set", "noise.rat=0.5"], r"unknown key 'rat' under 'noise' \(did you mean 'rate'"),
+    ("--set without =", ["--set", "noise.rate"], r"expected KEY=VALUE"),
+    ("unknown dataset", ["--set", "dataset.name=cifar11"], r"unknown dataset 'cifar11' \(did you mean 'cifar10'"),
+    ("unknown noise model", ["--set", "noise.kind=symetric"], r"did you mean 'symmetric'"),
+    ("unknown preprocessor", ["--set", "preprocessor.name=dmpl"], r"unknown preprocessor 'dmpl' \(did you mean 'dmlp'"),
+    ("wrong type", ["--set", "seed=abc"], r"seed: expected an integer, got 'abc'"),
+    ("noise rate >= 1", ["--set", "noise.rate=1.5"], r"noise\.rate=1\.5 is outside \[0, 1\)"),
+    ("noise rate < 0", ["--set", "noise.rate=-0.1"], r"noise\.rate=-0\.1 is outside \[0, 1\)"),
+    ("trusted size > data", ["--set", "trusted.size=100000"], r"trusted\.size=100000(\.0)? asks for 100000 samples but the training set has 1437"),
+    ("trusted set missing a class", ["--set", "trusted.source=index_file", "--set", "trusted.file=t_missing.csv"],
+     r"t_missing\.csv' has no sample of class\(es\) \[9\]; give at least one trusted sample per class"),
+    ("trusted label out of range", ["--set", "trusted.source=index_file", "--set", "trusted.file=t_range.csv"],
+     r"t_range\.csv' has label 12 outside 0\.\.9"),
+    ("trusted label negative", ["--set", "trusted.source=index_file", "--set", "trusted.file=t_neg.csv"],
+     r"t_neg\.csv' has label -1 outside 0\.\.9"),
+    ("trusted label float", ["--set", "trusted.source=index_file", "--set", "trusted.file=t_float.csv"],
+     r"t_float\.csv' has a non-integer label 1\.5"),
+    ("trusted index out of range", ["--set", "trusted.source=index_file", "--set", "trusted.file=t_index.csv"],
+     r"t_index\.csv' has index 99999 outside 0\.\.1436"),
+    ("trusted index twice", ["--set", "trusted.source=index_file", "--set", "trusted.file=t_dup.csv"],
+     r"t_dup\.csv' lists an index twice"),
+    ("noisy labels wrong length", ["--set", "noise.kind=human", "--set", "noise.file=h_short.npy"],
+     r"h_short\.npy' hold 10 labels but the training split has 1437"),
+    ("noisy labels out of range", ["--set", "noise.kind=human", "--set", "noise.file=h_range.npy"],
+     r"h_range\.npy' span 17\.\.17, outside 0\.\.9"),
+    ("noisy labels negative", ["--set", "noise.kind=human", "--set", "noise.file=h_neg.npy"],
+     r"h_neg\.npy' span -1\.\.-1, outside 0\.\.9"),
+    ("noisy labels float", ["--set", "noise.kind=human", "--set", "noise.file=h_float.npy"],
+     r"h_float\.npy' have dtype float64; expected integer class indices"),
+    ("features with NaN", ["--set", "features.source=npy", "--set", "features.path=f_nan.npy"],
+     r"f_nan\.npy' has NaN or Inf values \(first in row 3\)"),
+    ("features with Inf", ["--set", "features.source=npy", "--set", "features.path=f_inf.npy"],
+     r"f_inf\.npy' has NaN or Inf values \(first in row 0\)"),
+    ("features wrong dtype", ["--set", "features.source=npy", "--set", "features.path=f_str.npy"],
+     r"f_str\.npy' has dtype <U1; give float features"),
+    ("features wrong shape", ["--set", "features.source=npy", "--set", "features.path=f_1d.npy"],
+     r"f_1d\.npy' has shape \(1437,\); give a 2-d \(N, d\) array"),
+    ("fewer features than labels", ["--set", "features.source=npy", "--set", "features.path=f_short.npy"],
+     r"f_short\.npy' has 100 rows but the data set has 1437 training samples"),
+    ("features file truncated", ["--set", "features.source=npy", "--set", "features.path=f_trunc.npy"],
+     r"f_trunc\.npy' could not be read"),
+    ("CIFAR folder missing", ["--set", "dataset.name=cifar10", "--set", "dataset.params={root: nowhere}"],
+     r"CIFAR-10 not found under 'nowhere'"),
+    ("CIFAR files truncated", ["--set", "dataset.name=cifar10", "--set", "dataset.params={root: cifar}"],
+     r"CIFAR-10 file .*cifar-10-batches-py/[\w.]+' is truncated or corrupt.*download CIFAR-10 again"),
+    ("output folder not writable", ["!blocker/out"], r"--out 'blocker/out': cannot write into 'blocker'"),
+]
+
+
+def _run(case_args, folder: Path, capsys, monkeypatch):
+    from dmlp_plugin.cli import main
+
+    monkeypatch.chdir(folder)
+    config, out = CONFIG, "out"
+    extra = []
+    for a in case_args:
+        if a.startswith("@"):
+            config = a[1:]
+        elif a.startswith("!"):
+            out = a[1:]
+        else:
+            extra.append(a)
+    code = main(["purify", config, "--out", out, *FAST, *extra])
+    return code, capsys.readouterr().err, folder / out
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("catalogue")
+    _files(folder)
+    return folder
+
+
+@pytest.mark.parametrize("what, args, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(what, args, message, bad_files, capsys, monkeypatch):
+    before = sorted(p.name for p in bad_files.iterdir())
+    code, err, out = _run(args, bad_files, capsys, monkeypatch)
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    assert not out.exists()
+    assert sorted(p.name for p in bad_files.iterdir()) == before  # no staging folder left behind
+
+
+def test_unknown_method_in_a_bench_config(tmp_path, capsys):
+    from dmlp_plugin.cli import main
+
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text((ROOT / "configs" / "demo.yaml").read_text().replace("{name: elr}", "{name: elrr}"))
+    assert main(["bench", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"unknown method 'elrr' \(did you mean 'elr'", err) and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_broken_plugin_fails_alone_naming_its_distribution(tmp_path, capsys, monkeypatch):
+    from dmlp_plugin.cli import main
+    from dmlp_plugin.registry import load_registry
+    from tests.test_registry import _fake_distribution
+
+    _fake_distribution(tmp_path, "brokenplug", "raise ImportError('needs libfoo')\n",
+                       "[dmlp_plugin.preprocessors]\nbroken = brokenplug:Thing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    load_registry.cache_clear()
+    try:
+        code = main(["purify", CONFIG, "--out", str(tmp_path / "o"), *FAST, "--set", "preprocessor.name=broken"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1
+        assert re.search(r"broken from entry point of brokenplug 0\.1 failed to load.*needs libfoo", err), err
+        assert not (tmp_path / "o").exists()
+        assert main(["purify", CONFIG, "--out", str(tmp_path / "ok"), *FAST]) == 0  # everything else works
+    finally:
+        load_registry.cache_clear()
+
+
+def test_damaged_or_code_carrying_checkpoint_is_refused(tmp_path):
+    # accelerate 1.15 loads registered objects with weights_only=False; we read every file safely first
+    import os
+
+    import torch
+
+    from baselines.ce import CE
+    from baselines.common import TrainData
+    from dmlp_plugin.data.datasets import load_digits
+    from dmlp_plugin.errors import UserError
+
+    d = load_digits()
+    data = TrainData(d.train.images[:120], d.train.labels[:120], d.test.images[:40], d.test.labels[:40], 10)
+    cfg = CE.from_preset("small", epochs=1, batch_size=32)
+    cfg.run(data, device="cpu", progress=False, checkpoint_dir=tmp_path / "ck")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"epoch": Payload()}, tmp_path / "ck" / "state" / "custom_checkpoint_0.pkl")
+    with pytest.raises(UserError, match=r"checkpoint .* is damaged or not ours \(custom_checkpoint_0\.pkl"):
+        cfg.run(data, device="cpu", progress=False, checkpoint_dir=tmp_path / "ck")
+    assert not (tmp_path / "pwned").exists()
+    model = tmp_path / "ck" / "state" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    (tmp_path / "ck" / "state" / "custom_checkpoint_0.pkl").unlink()
+    with pytest.raises(UserError, match=r"damaged or not ours \(model\.safetensors"):
+        cfg.run(data, device="cpu", progress=False, checkpoint_dir=tmp_path / "ck")
+
+
+if __name__ == "__main__":  # the catalogue as a table
+    import tempfile
+    from contextlib import redirect_stderr
+    from io import StringIO
+
+    from dmlp_plugin.cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _files(folder)
+        os_cwd = Path.cwd()
+        import os
+
+        os.chdir(folder)
+        print("| input | message | exit code |\n|---|---|---|")
+        for what, args, _ in CASES:
+            config = next((a[1:] for a in args if a.startswith("@")), CONFIG)
+            out = next((a[1:] for a in args if a.startswith("!")), "out")
+            extra = [a for a in args if not a.startswith(("@", "!"))]
+            buf = StringIO()
+            with redirect_stderr(buf):
+                code = main(["purify", config, "--out", out, *FAST, *extra])
+            msg = buf.getvalue().strip().replace("|", "\\|").replace(str(folder) + "/", "")
+            print(f"| {what} | `{msg}` | {code} |")
+        os.chdir(os_cwd)
