@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if os.environ.get("WORLD_SIZE", "1") != "1":  # under a launcher: leave the process group cleanly
+            from dmlp_plugin.distributed import shutdown  # noqa: PLC0415
+
+            shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -107,3 +107,15 @@ def current(device: str = "cpu") -> Dist:
     state = PartialState(cpu=str(device).startswith("cpu"))
     check_world_size(state.num_processes, "accelerate's process state")
     return Dist(rank=state.process_index, world_size=state.num_processes)
+
+
+def shutdown() -> None:
+    """End this process's part in a launch cleanly (all processes meet, then the group is destroyed): a
+    process that exits with the group alive can abort ("terminate called without an active exception")."""
+    import torch.distributed as td  # noqa: PLC0415
+
+    if td.is_available() and td.is_initialized():
+        try:
+            td.barrier()
+        finally:
+            td.destroy_process_group()

@@ -31,3 +31,8 @@ z2 = _gather_keep_grad(ddp(b[lo:hi]), dist)
 diff = max(float((p.grad - q.grad).abs().max()) for p, q in zip(lin.parameters(), ref.parameters()))
 scale = max(float(q.grad.abs().max()) for q in ref.parameters())
 print(f"rank {dist.rank} max grad diff {diff:.3e} of {scale:.3e}", flush=True)
+
+from dmlp_plugin.distributed import shutdown  # noqa: E402
+
+del ddp, z1, z2  # DDP's reducer must go before the process group (else gloo can abort at exit)
+shutdown()

@@ -39,3 +39,6 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from dmlp_plugin.distributed import shutdown
+
+    shutdown()

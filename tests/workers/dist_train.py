@@ -51,3 +51,6 @@ def main(method: str, epochs: int, checkpoint_dir: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    from dmlp_plugin.distributed import shutdown
+
+    shutdown()

@@ -17,3 +17,7 @@ try:
     print(f"GUARD MISSED: plain Accelerator() num_processes={plain.num_processes}", flush=True)
 except UserError as e:
     print(f"refused: {e}", flush=True)
+
+from dmlp_plugin.distributed import shutdown  # noqa: E402
+
+shutdown()
