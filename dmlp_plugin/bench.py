@@ -183,12 +183,18 @@ def _purify_cell(cfg: BenchConfig, noise: NoiseConfig, seed: int, data, views, b
             return load_labels(folder / "labels.npz", data.train.fingerprint()), metrics, key
         except UserError:
             pass  # damaged: purify again
-    p = pipeline.purify_labels(pcfg, data, views, built["purify"], device, progress, raw=to_dict(pcfg))
+    ckpt = folder / f"purifier-checkpoint-{key}.pt"  # a killed cell resumes its purification from here
+    p = pipeline.purify_labels(pcfg, data, views, built["purify"], device, progress, raw=to_dict(pcfg),
+                               checkpoint=str(ckpt))
     metrics = {**p.metrics, "bench_key": key, "world_size": dist.world_size}
     if dist.is_main:
         save_labels(folder / "labels.npz", p.artifact)
         write_json(folder / "history.json", p.result.history)
         write_json(folder / "metrics.json", metrics)
+    dist.barrier()
+    if dist.is_main:
+        for f in folder.glob("purifier-checkpoint-*"):
+            f.unlink(missing_ok=True)
     return p.artifact, metrics, key
 
 

@@ -334,9 +334,10 @@ def versions() -> dict:
 
 
 def run_preprocessor(pre, views: Views, noisy, meta_idx, meta_labels, num_classes, truth, device, progress,
-                     seed) -> PurifyResult:
+                     seed, checkpoint: str | None = None) -> PurifyResult:
     inp = PurifyInputs(views=views.arrays, noisy=noisy, meta_idx=meta_idx, meta_labels=meta_labels,
-                       num_classes=num_classes, truth=truth, device=device, progress=progress, seed=seed)
+                       num_classes=num_classes, truth=truth, device=device, progress=progress, seed=seed,
+                       checkpoint=checkpoint)
     return pre.purify(inp)
 
 
@@ -350,9 +351,11 @@ class Purified:
 
 
 def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict, device: str,
-                  progress: bool = True, raw: dict | None = None, timings: dict | None = None) -> Purified:
+                  progress: bool = True, raw: dict | None = None, timings: dict | None = None,
+                  checkpoint: str | None = None) -> Purified:
     """noise -> trusted subset -> preprocessor (+ the comparison preprocessors when the truth is known)
-    for one seed (``cfg.seed``), on features already made. Writes nothing."""
+    for one seed (``cfg.seed``), on features already made. Writes nothing but the preprocessor's
+    ``checkpoint`` (a killed run resumes from it; the caller deletes it once its outputs are written)."""
     from dmlp_plugin import metrics as M  # noqa: PLC0415
     from dmlp_plugin.artifacts import LabelsArtifact  # noqa: PLC0415
 
@@ -367,7 +370,7 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
 
     t = time.perf_counter()
     result = run_preprocessor(built["preprocessor"], views, noisy, meta_idx, meta_labels, c, truth, device,
-                              progress, cfg.seed)
+                              progress, cfg.seed, checkpoint)
     timings["purify"] = time.perf_counter() - t
     agreement = neighbour_agreement(views.arrays[0], result.hard, cfg.checks.k)
 
@@ -453,7 +456,10 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
     t = time.perf_counter()
     views = make_views_once(cfg, data, device, built, progress, dist)
     timings["features"] = time.perf_counter() - t
-    p = purify_labels(cfg, data, views, built, device, progress, raw, timings)
+    # the purifier's progress, kept beside the features until DIR is written (a killed run resumes from it)
+    ckpt = Path(cfg.features.cache_dir) / (f"purify-{config_hash(raw or to_dict(cfg))}-"
+                                           f"{data.train.fingerprint()[:12]}.pt")
+    p = purify_labels(cfg, data, views, built, device, progress, raw, timings, checkpoint=str(ckpt))
     p.metrics["world_size"] = dist.world_size
     if not dist.is_main:  # process 0 writes; the others wait until it has
         dist.barrier()
@@ -473,6 +479,8 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         dist.barrier()
+    for f in ckpt.parent.glob(ckpt.name + "*"):  # done: every process's checkpoint goes
+        f.unlink(missing_ok=True)
     return p.metrics
 
 

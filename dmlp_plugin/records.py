@@ -51,7 +51,7 @@ class PurifyInputs:
     views: feature matrices (N, d_v) float32, rows L2-normalised (view 1 first).
     noisy: (N,) int64 given labels. meta_idx: (M,) indices of the trusted subset, meta_labels: (M,) their
     trusted labels. truth: (N,) true labels when known, for progress logging only: a preprocessor must not
-    use it to decide anything.
+    use it to decide anything. checkpoint: a file path a preprocessor may use to resume after a kill.
     """
 
     views: list
@@ -63,6 +63,7 @@ class PurifyInputs:
     device: str = "cpu"
     progress: bool = True
     seed: int = 0
+    checkpoint: str | None = None  # where a long preprocessor may save its progress (resumed when it exists)
 
 
 @dataclass

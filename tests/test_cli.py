@@ -163,3 +163,4 @@ def test_same_config_and_seed_give_bitwise_identical_labels(tmp_path):
         assert a[key].tobytes() == b[key].tobytes(), key
     report = (tmp_path / "a" / "report.md").read_text()
     assert "seed 3" in report and "config hash `" in report and "torch " in report
+    assert not list(Path(".dmlp_cache").glob("purify-*.pt"))  # the purifier's checkpoint goes once DIR is written

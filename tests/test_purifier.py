@@ -181,3 +181,37 @@ def test_bad_readout_settings_are_user_errors(key, value):
 
     with pytest.raises(UserError, match=key):
         DMLPConfig(**{key: value})
+
+
+def test_killed_purification_resumes_to_the_uninterrupted_result(clusters, tmp_path):
+    # a kill after epoch 3 (the checkpoint of epoch 3 is on disk): the same call resumes there and ends with
+    # the labels, distributions and history of an uninterrupted run, bit for bit
+    x, y, noisy, meta = clusters
+    cfg = DMLPConfig(epochs=8, eac_period=2, batch_size=1500)
+    straight = purify([x], noisy, meta, y[meta], 10, cfg, truth=y, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, rec):
+        if epoch == 2:
+            raise Killed
+
+    ck = tmp_path / "p.pt"
+    with pytest.raises(Killed):
+        purify([x], noisy, meta, y[meta], 10, cfg, truth=y, progress=False, checkpoint=str(ck), on_epoch=kill)
+    assert ck.is_file()
+    seen = []
+    resumed = purify([x], noisy, meta, y[meta], 10, cfg, truth=y, progress=False, checkpoint=str(ck),
+                     on_epoch=lambda e, r: seen.append(e))
+    assert seen == [3, 4, 5, 6, 7]  # epochs 0..2 were not redone
+    assert resumed.soft.tobytes() == straight.soft.tobytes()
+    np.testing.assert_array_equal(resumed.hard, straight.hard)
+    assert [h["label_accuracy"] for h in resumed.history] == [h["label_accuracy"] for h in straight.history]
+    # other inputs never resume from it; a damaged file is ignored with a warning
+    other = purify([x], noisy, meta, y[meta], 10, dataclasses.replace(cfg, ipc_lr=0.02), progress=False,
+                   checkpoint=str(ck), on_epoch=lambda e, r: seen.append(("other", e)))
+    assert ("other", 0) in seen and other.hard.shape == straight.hard.shape
+    ck.write_bytes(ck.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        purify([x], noisy, meta, y[meta], 10, cfg, progress=False, checkpoint=str(ck))

@@ -41,9 +41,13 @@ each holds N/P rows and the factors of 1/P of the batches: O(n_batches * d^2 / P
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -304,6 +308,39 @@ def _global_mean(p: torch.Tensor, n: int, dist: Dist) -> torch.Tensor:
     return (s + (total - s.detach())) / n
 
 
+def _inputs_digest(noisy, meta_idx, meta_labels, heads: list) -> str:
+    """A short hash of the labels, the trusted set and the first rows of each view: a checkpoint of other
+    inputs must not be resumed."""
+    h = hashlib.sha256()
+    for a in (noisy, meta_idx, meta_labels, *heads):
+        arr = np.ascontiguousarray(np.asarray(a))
+        h.update(str(arr.dtype).encode() + str(arr.shape).encode() + arr.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_purify_checkpoint(path: str, state: dict) -> None:
+    from dmlp_plugin.atomic import atomic_path  # noqa: PLC0415
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:  # temp file + rename: a kill leaves the previous epoch's file
+        torch.save(state, tmp)
+
+
+def _load_purify_checkpoint(path: str, identity: dict) -> dict | None:
+    """The saved state, or None when there is none, it is unreadable (warning) or it is of other inputs."""
+    if not Path(path).exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated or foreign: start over, never run its code
+        warnings.warn(f"purifier checkpoint {path} is unreadable ({type(e).__name__}); starting over",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    if not isinstance(saved, dict) or saved.get("identity") != identity:
+        return None
+    return saved
+
+
 def _local_rows(idx: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Local indices of the global row indices idx that fall in [lo, hi), in idx's order."""
     return idx[(idx >= lo) & (idx < hi)] - lo
@@ -352,7 +389,8 @@ def _eac_pass(view: _View, idx: torch.Tensor, cfg: DMLPConfig, gen: torch.Genera
 def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta_idx: np.ndarray,
            meta_labels: np.ndarray, num_classes: int, cfg: DMLPConfig = DMLPConfig(),
            truth: np.ndarray | None = None, device: str | torch.device = "cpu", progress: bool = True,
-           on_epoch: Callable[[int, dict], None] | None = None, dist: Dist | None = None) -> PurifyResult:
+           on_epoch: Callable[[int, dict], None] | None = None, dist: Dist | None = None,
+           checkpoint: str | None = None) -> PurifyResult:
     """Purify ``noisy`` labels of N samples.
 
     views: ``cfg.num_views`` feature matrices (N, d_v), rows L2-normalised (a single matrix is reused
@@ -363,6 +401,10 @@ def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta
     truth: optional (N,) true labels, used only to log label accuracy per epoch (never to decide).
     dist: the processes to shard the rows over (default: those of the launcher, see
         :mod:`dmlp_plugin.distributed`; one process without one). Every process returns the full result.
+    checkpoint: a file path (each process adds ``.rank<r>`` under several). After every epoch the state (label
+        matrices, heads, both optimisers, the random generator, the history) is written there atomically;
+        a later call with the same inputs and settings resumes after the last saved epoch and returns the
+        same result as an uninterrupted run. A file from other inputs is ignored (and replaced).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -415,8 +457,27 @@ def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta
     passes = max(1, math.ceil(cfg.eac_min_steps / steps_per_pass))
 
     history: list[dict] = []
-    bar = tqdm(range(cfg.epochs), desc="dmlp purify", unit="epoch", disable=not (progress and dist.is_main),
-               leave=False)
+    start = 0
+    ckpt_path, identity = None, None
+    if checkpoint is not None:
+        ckpt_path = str(checkpoint) + (f".rank{dist.rank}" if dist.world_size > 1 else "")
+        identity = {"format": 1, "config": json.dumps(asdict(cfg), sort_keys=True, default=str), "n": n,
+                    "classes": int(num_classes), "world_size": dist.world_size, "rank": dist.rank,
+                    "inputs": _inputs_digest(noisy, meta_np, meta_labels, [v[: min(n, 64)] for v in views])}
+        saved = _load_purify_checkpoint(ckpt_path, identity)
+        if saved is not None:
+            with torch.no_grad():
+                for v, sv in zip(state, saved["views"]):
+                    v.y.copy_(sv["y"].to(device))
+                    v.head.load_state_dict(sv["head"])
+            for v, sv in zip(state, saved["views"]):
+                v.opt_y.load_state_dict(sv["opt_y"])
+                v.opt_h.load_state_dict(sv["opt_h"])
+            gen.set_state(saved["generator"])
+            history = list(saved["history"])
+            start = int(saved["epoch"])
+    bar = tqdm(range(start, cfg.epochs), desc="dmlp purify", unit="epoch",
+               disable=not (progress and dist.is_main), leave=False, initial=start, total=cfg.epochs)
     for epoch in bar:
         if cfg.eac_lr_decay_epoch is not None and epoch == cfg.eac_lr_decay_epoch + 1:
             # the script's schedule: lr x0.1 once epoch > 3
@@ -457,6 +518,11 @@ def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta
                 rec["label_accuracy"] = accuracy(_readout(state, cfg, noisy_t, meta_loc, meta_loc_lab, meta_lab_t, dist))
             bar.set_postfix(acc=f"{rec['label_accuracy']:.3f}")
         history.append(rec)
+        if ckpt_path is not None:
+            _save_purify_checkpoint(ckpt_path, {
+                "identity": identity, "epoch": epoch + 1, "history": history, "generator": gen.get_state(),
+                "views": [{"y": v.y.detach().cpu(), "head": v.head.state_dict(), "opt_y": v.opt_y.state_dict(),
+                           "opt_h": v.opt_h.state_dict()} for v in state]})
         if on_epoch is not None:
             on_epoch(epoch, rec)
 

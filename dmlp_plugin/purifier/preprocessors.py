@@ -76,4 +76,4 @@ class DMLP(dmlp.DMLPConfig):
     def purify(self, inp: PurifyInputs) -> PurifyResult:
         cfg = replace(self, seed=inp.seed)
         return dmlp.purify(inp.views, inp.noisy, inp.meta_idx, inp.meta_labels, inp.num_classes, cfg,
-                           truth=inp.truth, device=inp.device, progress=inp.progress)
+                           truth=inp.truth, device=inp.device, progress=inp.progress, checkpoint=inp.checkpoint)
