@@ -186,7 +186,7 @@ def _purify_cell(cfg: BenchConfig, noise: NoiseConfig, seed: int, data, views, b
     ckpt = folder / f"purifier-checkpoint-{key}.pt"  # a killed cell resumes its purification from here
     p = pipeline.purify_labels(pcfg, data, views, built["purify"], device, progress, raw=to_dict(pcfg),
                                checkpoint=str(ckpt))
-    metrics = {**p.metrics, "bench_key": key, "world_size": dist.world_size}
+    metrics = {**p.metrics, "bench_key": key}
     if dist.is_main:
         save_labels(folder / "labels.npz", p.artifact)
         write_json(folder / "history.json", p.result.history)
@@ -278,7 +278,7 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
         raise UserError(f"dataset {cfg.dataset.name!r} has no test split, which the benchmark scores on; "
                         f"give dataset.params that keep one (e.g. test_fraction: 0.2)")
     t0 = time.perf_counter()
-    views = pipeline.make_views_once(first, data, device, built["purify"], progress, dist)
+    views = pipeline.make_views(first, data, device, built["purify"], progress)  # every process
     feature_seconds = time.perf_counter() - t0
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -57,11 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_purify(args) -> int:
     from dmlp_plugin.config import load_config  # noqa: PLC0415
+    from dmlp_plugin.distributed import launcher_rank  # noqa: PLC0415
     from dmlp_plugin.pipeline import purify_run  # noqa: PLC0415
 
     cfg, raw = load_config(args.config, args.overrides)
     metrics = purify_run(cfg, args.out, raw=raw, progress=not args.no_progress)
-    if os.environ.get("RANK", "0") != "0":  # under a launcher, process 0 speaks for all
+    if launcher_rank() != 0:  # under a launcher, process 0 speaks for all
         return 0
     if "label_accuracy_after" in metrics:
         parts = [f"noisy {metrics['label_accuracy_before']:.4f}",
@@ -78,10 +79,11 @@ def _cmd_bench(args) -> int:
     from dmlp_plugin.bench import bench_run  # noqa: PLC0415
     from dmlp_plugin.bench_report import summarise  # noqa: PLC0415
     from dmlp_plugin.config import BenchConfig, load_config  # noqa: PLC0415
+    from dmlp_plugin.distributed import launcher_rank  # noqa: PLC0415
 
     cfg, raw = load_config(args.config, args.overrides, schema=BenchConfig)
     records = bench_run(cfg, args.out, raw=raw, progress=not args.no_progress)
-    if os.environ.get("RANK", "0") != "0":  # under a launcher, process 0 speaks for all
+    if launcher_rank() != 0:  # under a launcher, process 0 speaks for all
         return 0
     print(f"{'noise':<14} {'method':<12} {'labels':<14} {'test acc':>16} {'delta':>14}")
     for r in summarise(records):

@@ -32,6 +32,11 @@ def launcher_world_size() -> int:
                         f"accelerate launch, which set it") from None
 
 
+def launcher_rank() -> int:
+    """This process's rank in the launch (``RANK``; 0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def check_world_size(num_processes: int, what: str = "accelerate state") -> None:
     """Fail loudly when a process count disagrees with the launcher's (the plain-``Accelerator()`` trap)."""
     want = launcher_world_size()

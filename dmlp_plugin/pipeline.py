@@ -454,13 +454,12 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
     data = load_data(cfg)
     timings["data"] = time.perf_counter() - t
     t = time.perf_counter()
-    views = make_views_once(cfg, data, device, built, progress, dist)
+    views = make_views(cfg, data, device, built, progress)  # every process: see features.cache.get_features
     timings["features"] = time.perf_counter() - t
     # the purifier's progress, kept beside the features until DIR is written (a killed run resumes from it)
     ckpt = Path(cfg.features.cache_dir) / (f"purify-{config_hash(raw or to_dict(cfg))}-"
                                            f"{data.train.fingerprint()[:12]}.pt")
     p = purify_labels(cfg, data, views, built, device, progress, raw, timings, checkpoint=str(ckpt))
-    p.metrics["world_size"] = dist.world_size
     if not dist.is_main:  # process 0 writes; the others wait until it has
         dist.barrier()
         return p.metrics
@@ -483,11 +482,6 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
         f.unlink(missing_ok=True)
     return p.metrics
 
-
-def make_views_once(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, progress: bool, dist) -> Views:
-    """:func:`make_views` in every process of a launch: SSL features are trained data-parallel by all of them,
-    extracted and cached by process 0 and read by the others (:func:`features.cache.get_features`)."""
-    return make_views(cfg, data, device, built, progress and dist.is_main)
 
 
 def yaml_dump(obj) -> str:

@@ -173,7 +173,6 @@ def _build(cfg: SimCLRConfig, in_chans: int) -> tuple[_SimCLRNet, bool]:
         backbone.eval()
         with torch.no_grad():  # the pooled output size (timm's num_features is not it for every model)
             feat_dim = int(backbone(torch.zeros(2, in_chans, cfg.image_size, cfg.image_size)).shape[1])
-        backbone.train()
         net = _SimCLRNet(backbone, feat_dim, cfg.proj_hidden, cfg.proj_dim)
     return net, bool(hazard)
 
@@ -300,7 +299,7 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")  # autocast is ours, below
         check_world_size(accelerator.num_processes)
         net, opt = accelerator.prepare(net, opt)
-    lo, hi = dist.rank * bs // dist.world_size, (dist.rank + 1) * bs // dist.world_size
+    lo, hi = dist.block(bs)
     aug = dict(size=cfg.image_size, crop_scale_min=cfg.crop_scale_min, hflip=cfg.hflip, jitter=cfg.jitter,
                jitter_p=0.8 if cfg.jitter > 0 else 0.0, gray_p=cfg.gray_p)
 

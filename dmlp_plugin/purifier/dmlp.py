@@ -231,9 +231,6 @@ class _View:
         with torch.no_grad():
             return torch.cat([self.head(self.x[i:i + chunk]) for i in range(0, self.x.shape[0], chunk)])
 
-    def predict(self, chunk: int = 65536) -> torch.Tensor:
-        return F.softmax(self.logits(chunk), dim=1)
-
     def temperature(self, meta_labels: torch.Tensor) -> float:
         """The head's temperature fitted on the trusted rows (identical on every process)."""
         with torch.no_grad():
@@ -476,6 +473,7 @@ def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta
             gen.set_state(saved["generator"])
             history = list(saved["history"])
             start = int(saved["epoch"])
+    soft = None  # the readout of the last epoch run, when it was computed for the history
     bar = tqdm(range(start, cfg.epochs), desc="dmlp purify", unit="epoch",
                disable=not (progress and dist.is_main), leave=False, initial=start, total=cfg.epochs)
     for epoch in bar:
@@ -515,7 +513,8 @@ def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta
             with torch.no_grad():
                 for i, v in enumerate(state):
                     rec[f"label_accuracy_view{i + 1}"] = accuracy(v.y)
-                rec["label_accuracy"] = accuracy(_readout(state, cfg, noisy_t, meta_loc, meta_loc_lab, meta_lab_t, dist))
+                soft = _readout(state, cfg, noisy_t, meta_loc, meta_loc_lab, meta_lab_t, dist)
+                rec["label_accuracy"] = accuracy(soft)
             bar.set_postfix(acc=f"{rec['label_accuracy']:.3f}")
         history.append(rec)
         if ckpt_path is not None:
@@ -527,7 +526,8 @@ def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta
             on_epoch(epoch, rec)
 
     with torch.no_grad():
-        soft = _readout(state, cfg, noisy_t, meta_loc, meta_loc_lab, meta_lab_t, dist)
+        if soft is None:  # no true labels to log (or nothing left to run after a resume)
+            soft = _readout(state, cfg, noisy_t, meta_loc, meta_loc_lab, meta_lab_t, dist)
         soft = dist.gather_blocks(soft.contiguous(), n)
         conf, hard = soft.max(dim=1)
     return PurifyResult(soft=soft.cpu().numpy().astype(np.float32), hard=hard.cpu().numpy().astype(np.int64),
