@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import shutil
+import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,73 @@ def validate_bench(cfg: BenchConfig) -> dict:
         raise UserError(f"methods lists {dup[0]!r} twice; give each entry its own label (methods[i].label)")
     built["methods"] = [build_method(m, f"methods[{i}]") for i, m in enumerate(cfg.methods)]
     resolve_device(cfg.device)
+    if cfg.purified_labels is not None:
+        given_label_paths(cfg)
     return built
+
+
+def given_label_paths(cfg: BenchConfig) -> dict[tuple[str, int], Path]:
+    """The labels artifact of each (noise tag, seed) cell named by ``purified_labels``."""
+    pattern = cfg.purified_labels
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
+    except ValueError as e:
+        raise UserError(f"purified_labels={pattern!r} is not a valid path pattern ({e}); use {{noise}} and "
+                        f"{{seed}} as placeholders, e.g. runs/purify-{{noise}}-s{{seed}}/labels.npz") from None
+    unknown = sorted(fields - {"noise", "seed"})
+    if unknown:
+        raise UserError(f"purified_labels={pattern!r} has the placeholder {{{unknown[0]}}}; only {{noise}} and "
+                        f"{{seed}} are filled in (e.g. runs/purify-{{noise}}-s{{seed}}/labels.npz)")
+    paths = {(noise_tag(n), s): Path(pattern.format(noise=noise_tag(n), seed=s)) for n in cfg.noise for s in cfg.seeds}
+    if len(set(paths.values())) < len(paths):
+        raise UserError(f"purified_labels={pattern!r} names one file for {len(paths)} (noise, seed) cells; put "
+                        f"{{noise}} and/or {{seed}} in the path, e.g. runs/purify-{{noise}}-s{{seed}}/labels.npz")
+    return paths
+
+
+def load_given_labels(cfg: BenchConfig, data) -> dict[tuple[str, int], tuple]:
+    """Read and check every artifact ``purified_labels`` names, before any training: (artifact, its content
+    hash) per cell. Refused (one line): a missing, damaged or foreign file (another data set or sample order),
+    other classes, or noisy labels other than those this cell draws."""
+    from dmlp_plugin import pipeline  # noqa: PLC0415
+    from dmlp_plugin.artifacts import load_labels  # noqa: PLC0415
+
+    out = {}
+    paths = given_label_paths(cfg)
+    for noise in cfg.noise:
+        for seed in cfg.seeds:
+            tag = noise_tag(noise)
+            path = paths[(tag, seed)]
+            try:
+                art = load_labels(path, data.train.fingerprint())
+            except UserError as e:
+                raise UserError(f"purified_labels (noise {tag}, seed {seed}): {e}") from None
+            c = data.train.num_classes
+            if art.num_classes != c:
+                raise UserError(f"purified_labels {str(path)!r} has {art.num_classes} classes but {cfg.dataset.name!r} "
+                                f"has {c}; give the artifact of this data set")
+            noisy, _ = pipeline.make_noisy(purify_config(cfg, noise, seed), data)
+            differ = int(np.sum(noisy.labels != art.noisy))
+            if differ:
+                raise UserError(f"purified_labels {str(path)!r} was purified from other noisy labels than noise "
+                                f"{tag} with seed {seed} draws here ({differ} of {len(art.noisy)} differ); give "
+                                f"the artifact `dmlp purify` made with that noise setting and seed")
+            out[(tag, seed)] = (art, hashlib.sha256(path.read_bytes()).hexdigest()[:16], path)
+    return out
+
+
+def _given_cell(art, digest: str, path: Path) -> tuple:
+    """The (artifact, metrics, key) of a cell whose purified labels were given."""
+    from dmlp_plugin import metrics as M  # noqa: PLC0415
+
+    metrics = {"given": str(path), "trusted": {"size": int(art.meta_indices.size)}}
+    if art.true_labels is not None:
+        rest = np.ones(len(art.noisy), bool)
+        rest[art.meta_indices] = False
+        metrics["evaluated_on"] = "the samples outside the trusted subset"
+        metrics["label_accuracy_before"] = M.label_accuracy(art.noisy[rest], art.true_labels[rest])
+        metrics["label_accuracy_after"] = M.label_accuracy(art.hard[rest], art.true_labels[rest])
+    return art, metrics, _hash({"format": FORMAT_VERSION, "given_labels": digest})
 
 
 def grid(cfg: BenchConfig) -> list[RunSpec]:
@@ -277,8 +344,9 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
     if data.test is None:
         raise UserError(f"dataset {cfg.dataset.name!r} has no test split, which the benchmark scores on; "
                         f"give dataset.params that keep one (e.g. test_fraction: 0.2)")
+    given = load_given_labels(cfg, data) if cfg.purified_labels is not None else None
     t0 = time.perf_counter()
-    views = pipeline.make_views(first, data, device, built["purify"], progress)  # every process
+    views = None if given else pipeline.make_views(first, data, device, built["purify"], progress)  # every process
     feature_seconds = time.perf_counter() - t0
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -294,8 +362,11 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
         for spec in specs:
             if cell is None or cell[0] != (noise_tag(spec.noise), spec.seed):
                 bar.set_description(f"bench: purify {noise_tag(spec.noise)} seed {spec.seed}")
-                art, pmetrics, pkey = _purify_cell(cfg, spec.noise, spec.seed, data, views, built, device, out,
-                                                   progress, dist)
+                if given:
+                    art, pmetrics, pkey = _given_cell(*given[(noise_tag(spec.noise), spec.seed)])
+                else:
+                    art, pmetrics, pkey = _purify_cell(cfg, spec.noise, spec.seed, data, views, built, device,
+                                                       out, progress, dist)
                 purifications[f"{noise_tag(spec.noise)}-s{spec.seed}"] = pmetrics
                 cell = ((noise_tag(spec.noise), spec.seed), art, pkey)
             bar.set_description(f"bench: {spec.method.name} on {spec.arm} ({noise_tag(spec.noise)}, seed {spec.seed})")
@@ -308,10 +379,19 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
             bar.update(1)
     finally:
         bar.close()
-    summary = {"features": views.provenance, "feature_seconds": feature_seconds, "device": device,
+    if given:  # what made the given labels, as their first artifact records it
+        prov = next(iter(given.values()))[0].provenance
+        features = dict(prov.get("features") or {})
+        pre = dict((prov.get("config") or {}).get("preprocessor") or {})
+        preprocessor = {"name": pre.get("name", "unknown"), "params": pre.get("params", {}),
+                        "given": cfg.purified_labels}
+    else:
+        features = views.provenance
+        preprocessor = {"name": cfg.preprocessor.name, "params": cfg.preprocessor.params}
+    summary = {"features": features, "feature_seconds": feature_seconds, "device": device,
                "config_hash": pipeline.config_hash(raw or to_dict(cfg)), "versions": pipeline.versions(),
-               "preprocessor": {"name": cfg.preprocessor.name, "params": cfg.preprocessor.params},
-               "trusted": to_dict(cfg.trusted), "noise_rate": cfg.noise_rate, "seeds": list(cfg.seeds),
+               "preprocessor": preprocessor,
+               "trusted": to_dict(cfg.trusted) if not given else {"source": "the given artifacts' trusted subsets"}, "noise_rate": cfg.noise_rate, "seeds": list(cfg.seeds),
                "arms": list(cfg.arms), "dataset": cfg.dataset.name,
                "n_train": len(data.train), "n_test": len(data.test), "num_classes": data.train.num_classes,
                "world_size": dist.world_size}

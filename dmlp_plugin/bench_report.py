@@ -145,8 +145,10 @@ def write_bench_report(folder: Path, records: list[dict], purifications: dict, s
         "# A/B benchmark: does purifying the labels first help?", "",
         f"- data: `{summary['dataset']}`, {summary['n_train']} training / {summary['n_test']} test samples, "
         f"{summary['num_classes']} classes; seeds {summary['seeds']}; device {summary['device']}",
-        f"- features: {summary['features'].get('source')} (dims {summary['features'].get('dims')}), made once "
-        f"without labels in {summary['feature_seconds']:.0f} s",
+        (f"- features: {summary['features'].get('source')} (dims {summary['features'].get('dims')}), made once "
+         f"without labels in {summary['feature_seconds']:.0f} s" if not pre.get("given") else
+         f"- purified labels: given (`{pre['given']}`, made earlier by `dmlp purify` on features "
+         f"{summary['features'].get('source')}, dims {summary['features'].get('dims')}); nothing purified here"),
         f"- preprocessor: `{pre['name']}` {pre['params'] or ''}",
         f"- trusted labels: M = {', '.join(map(str, sizes))} per run (source `{tr['source']}`), spent by BOTH "
         f"arms: **noisy** = the noisy labels with those M samples' labels replaced by their trusted labels; "

@@ -134,7 +134,12 @@ class BenchConfig:
     made once (with ``seeds[0]``); noise, trusted subset, purification and training use each seed.
     noise_rate: what methods that need the noise rate (Co-teaching's forget rate, DivideMix's settings)
     are told: ``known`` (the measured fraction of wrong training labels, an oracle fact, as the official
-    codes assume) or ``none`` (methods must be given their setting in params)."""
+    codes assume) or ``none`` (methods must be given their setting in params).
+    purified_labels: labels artifacts made earlier by ``dmlp purify`` to train the purified arms on, instead of
+    purifying here (purify once on a big machine, benchmark many methods later): a path in which ``{noise}``
+    and ``{seed}`` stand for each cell's noise tag (e.g. ``symmetric-80``) and seed. Each must be of this data
+    set (sample-order fingerprint) and of the noisy labels this cell draws (same noise setting and seed); its
+    trusted subset is the one both arms spend. Features are not made then."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     device: str = "auto"
@@ -147,6 +152,7 @@ class BenchConfig:
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig()])
     arms: list[str] = field(default_factory=lambda: ["noisy", "purified"])
     noise_rate: str = "known"
+    purified_labels: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------

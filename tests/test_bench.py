@@ -115,3 +115,43 @@ def test_bad_bench_config_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def _purify_cli(out: Path, *extra):
+    """`dmlp purify` as a user runs it before benchmarking: raw-pixel features, a short purifier."""
+    code = main(["purify", str(ROOT / "configs" / "purify-digits.yaml"), "--out", str(out), "--no-progress",
+                 "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 10}",
+                 "--set", "noise.rate=0.8", *extra])
+    assert code == 0
+
+
+def test_bench_trains_on_labels_purified_earlier(tmp_path, capsys):
+    # purify once (here seed 0), benchmark later: the purified arm trains on exactly the artifact's labels, both
+    # arms spend its trusted subset, and no features are made (the SSL settings of demo.yaml are never run)
+    from dmlp_plugin.artifacts import load_labels
+
+    _purify_cli(tmp_path / "p-symmetric-80-s0", "--set", "seed=0", "--set", "trusted.size=0.05")
+    capsys.readouterr()
+    art = load_labels(tmp_path / "p-symmetric-80-s0" / "labels.npz")
+    out = tmp_path / "bench"
+    args = ["bench", DEMO, "--out", str(out), "--no-progress", "--set", "seeds=[0]",
+            "--set", "methods=[{name: ce, params: {epochs: 2}}]",
+            "--set", f"features.cache_dir={tmp_path / 'cache'}",
+            "--set", f"purified_labels={tmp_path}/p-{{noise}}-s{{seed}}/labels.npz"]
+    assert main(args) == 0
+    assert not (tmp_path / "cache").exists() and not (out / "purify").exists()  # nothing made, nothing purified
+    noisy, purified = json.loads((out / "results.json").read_text())
+    assert purified["label_accuracy"] == pytest.approx(np.mean(art.hard == art.true_labels))
+    arm = bench.arm_labels("noisy", art)
+    assert noisy["label_accuracy"] == pytest.approx(np.mean(arm == art.true_labels))
+    assert noisy["trusted_size"] == purified["trusted_size"] == art.meta_indices.size == 70  # 5%, not demo's 3%
+    report = (out / "report.md").read_text()
+    assert "purified labels: given" in report and "| symmetric-80 | ce | purified |" in report
+    # the same artifact for another seed: those are other noisy labels, refused before any training
+    other = [*args[:3], str(tmp_path / "bench1"), args[4], "--set", "seeds=[1]", *args[7:-1],
+             f"purified_labels={tmp_path}/p-symmetric-80-s0/labels.npz"]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"was purified from other noisy labels than noise symmetric-80 with seed 1 draws here "
+                     r"\(\d+ of 1437 differ\)", err), err
+    assert not (tmp_path / "bench1").exists()

@@ -102,6 +102,42 @@ CASES = [
 ]
 
 
+# labels artifacts handed to `dmlp bench` (purified_labels): args after `dmlp bench demo.yaml --out OUT`
+BENCH = ["--no-progress", "--set", "seeds=[0]", "--set", "methods=[{name: ce, params: {epochs: 1}}]"]
+BENCH_CASES = [
+    ("labels.npz missing", ["purified_labels=nowhere/labels.npz"], r"labels artifact 'nowhere/labels\.npz' not found"),
+    ("labels.npz truncated", ["purified_labels=l_trunc.npz"], r"'l_trunc\.npz' is corrupt or truncated"),
+    ("labels.npz not an artifact", ["purified_labels=l_garbage.npz"], r"'l_garbage\.npz' is corrupt or truncated"),
+    ("labels of another data set", ["purified_labels=other/labels.npz"],
+     r"'other/labels\.npz' belongs to another data set or sample order"),
+    ("labels of other noisy labels", ["purified_labels=good/labels.npz", "seeds=[1]"],
+     r"'good/labels\.npz' was purified from other noisy labels than noise symmetric-80 with seed 1"),
+    ("one labels file, several cells", ["purified_labels=good/labels.npz", "seeds=[0, 1]"],
+     r"purified_labels='good/labels\.npz' names one file for 2 \(noise, seed\) cells; put \{noise\}"),
+    ("unknown placeholder", ["purified_labels=p-{sed}/labels.npz"], r"has the placeholder \{sed\}; only"),
+]
+
+
+def _artifacts(folder: Path) -> None:
+    """Labels artifacts as `dmlp purify` writes them (good: digits, sym 80%, seed 0; other: another split of
+    digits), and two damaged ones, in ``folder``."""
+    from dmlp_plugin.cli import main
+
+    for name, extra in (("good", []), ("other", ["--set", "dataset.params={seed: 1}"])):
+        code = main(["purify", CONFIG, "--out", str(folder / name), *FAST, "--set", "noise.rate=0.8", *extra])
+        assert code == 0
+    data = (folder / "good" / "labels.npz").read_bytes()
+    (folder / "l_trunc.npz").write_bytes(data[: len(data) // 2])
+    (folder / "l_garbage.npz").write_bytes(b"these are not labels\n" * 50)
+
+
+def _bench(case_args, folder: Path):
+    from dmlp_plugin.cli import main
+
+    sets = [x for a in case_args for x in ("--set", a)]
+    return main(["bench", str(ROOT / "configs" / "demo.yaml"), "--out", "out", *BENCH, *sets])
+
+
 def _run(case_args, folder: Path, capsys, monkeypatch):
     from dmlp_plugin.cli import main
 
@@ -136,6 +172,27 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(what, args, message,
     assert re.search(message, err), err
     assert not out.exists()
     assert sorted(p.name for p in bad_files.iterdir()) == before  # no staging folder left behind
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("artifacts")
+    _artifacts(folder)
+    return folder
+
+
+@pytest.mark.parametrize("what, args, message", BENCH_CASES, ids=[c[0] for c in BENCH_CASES])
+def test_bad_labels_artifact_for_bench_is_refused_before_training(what, args, message, artifacts, capsys,
+                                                                  monkeypatch):
+    monkeypatch.chdir(artifacts)
+    before = sorted(p.name for p in artifacts.iterdir())
+    code = _bench(args, artifacts)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    assert sorted(p.name for p in artifacts.iterdir()) == before  # no output folder, no staging folder
 
 
 def test_unknown_method_in_a_bench_config(tmp_path, capsys):
@@ -224,4 +281,11 @@ if __name__ == "__main__":  # the catalogue as a table
                 code = main(["purify", config, "--out", out, *FAST, *extra])
             msg = buf.getvalue().strip().replace("|", "\\|").replace(str(folder) + "/", "")
             print(f"| {what} | `{msg}` | {code} |")
+        _artifacts(folder)
+        for what, args, _ in BENCH_CASES:
+            buf = StringIO()
+            with redirect_stderr(buf):
+                code = _bench(args, folder)
+            msg = buf.getvalue().strip().replace("|", "\\|").replace(str(folder) + "/", "")
+            print(f"| `dmlp bench`: {what} | `{msg}` | {code} |")
         os.chdir(os_cwd)

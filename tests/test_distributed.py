@@ -141,23 +141,41 @@ def test_killed_two_process_training_resumes_to_the_uninterrupted_result(method,
     assert [c["train_loss"] for c in a["curve"]] == [c["train_loss"] for c in b["curve"]]
 
 
-def test_simclr_features_under_torchrun(tmp_path):
+def _simclr_args(tmp_path, name):
+    return ["purify", str(ROOT / "configs" / "purify-digits.yaml"), "--out", str(tmp_path / name), "--no-progress",
+            "--set", f"features.cache_dir={tmp_path / ('cache_' + name)}",
+            "--set", "features.ssl={backbone: test_resnet, image_size: 16, epochs: 3, batch_size: 128, hflip: false}",
+            "--set", "preprocessor.params={epochs: 5}"]
+
+
+def test_simclr_features_under_torchrun_and_a_kill_9_resumes(tmp_path):
     # stage 1 data-parallel: both processes train SimCLR (DDP, whole-batch NT-Xent over gathered embeddings),
     # process 0 caches the features once, and purification reads them
-    args = ["-m", "dmlp_plugin", "purify", str(ROOT / "configs" / "purify-digits.yaml"), "--out", str(tmp_path / "o"),
-            "--no-progress", "--set", f"features.cache_dir={tmp_path / 'cache'}",
-            "--set", "features.ssl={backbone: test_resnet, image_size: 16, epochs: 2, batch_size: 128, hflip: false}",
-            "--set", "preprocessor.params={epochs: 5}"]
-    r = _launch(args, tmp_path)
+    r = _launch(["-m", "dmlp_plugin", *_simclr_args(tmp_path, "o")], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    caches = sorted(p.name for p in (tmp_path / "cache_o").iterdir())
     assert [c for c in caches if c.endswith(".npz")] and not [c for c in caches if c.endswith(".pt")]
-    sidecar = next((tmp_path / "cache").glob("features-*.json"))
+    sidecar = next((tmp_path / "cache_o").glob("features-*.json"))
     prov = json.loads(sidecar.read_text())
-    assert prov["world_size"] == 2 and len(prov["loss_history"]) == 2
+    assert prov["world_size"] == 2 and len(prov["loss_history"]) == 3
     assert all(np.isfinite(prov["loss_history"]))
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["label_accuracy_after"] > metrics["label_accuracy_before"]
+
+    # both processes SIGKILLed once epoch 1's checkpoint is on disk; the same launch resumes at epoch 2 and
+    # ends with the uninterrupted run's features and labels, bit for bit
+    killed = _launch([str(WORKERS / "kill_cli.py"), *_simclr_args(tmp_path, "k")], tmp_path,
+                     extra_env={"KILL_AT": "ssl:1"})
+    assert killed.returncode != 0 and not (tmp_path / "k").exists()
+    assert list((tmp_path / "cache_k").glob("ssl-*.pt"))
+    again = _launch(["-m", "dmlp_plugin", *_simclr_args(tmp_path, "k")], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("resuming SimCLR after epoch 1 of 3") == 1  # process 0 says it
+    a = np.load(next((tmp_path / "cache_o").glob("features-*.npz")))
+    b = np.load(next((tmp_path / "cache_k").glob("features-*.npz")))
+    assert a["plain"].tobytes() == b["plain"].tobytes()
+    la, lb = np.load(tmp_path / "o" / "labels.npz"), np.load(tmp_path / "k" / "labels.npz")
+    assert la["soft"].tobytes() == lb["soft"].tobytes()
 
 
 def test_data_parallel_nt_xent_gradient_equals_the_whole_batch_one(tmp_path):

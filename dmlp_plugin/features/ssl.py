@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -286,6 +287,8 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
             opt.load_state_dict(state["optimizer"])
             start = int(state["epoch"])
             losses = [float(v) for v in state["losses"]]
+            if dist.is_main:
+                print(f"resuming SimCLR after epoch {start} of {cfg.epochs} from {checkpoint}", file=sys.stderr)
 
     # uint8 (N, C, H, W) on the device; each batch is converted to float only when used (CIFAR-size
     # data stays 4x smaller than a float copy).

@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -473,6 +474,8 @@ def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta
             gen.set_state(saved["generator"])
             history = list(saved["history"])
             start = int(saved["epoch"])
+            if dist.is_main:
+                print(f"resuming the purifier after epoch {start} of {cfg.epochs} from {ckpt_path}", file=sys.stderr)
     soft = None  # the readout of the last epoch run, when it was computed for the history
     bar = tqdm(range(start, cfg.epochs), desc="dmlp purify", unit="epoch",
                disable=not (progress and dist.is_main), leave=False, initial=start, total=cfg.epochs)

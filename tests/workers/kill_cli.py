@@ -1,0 +1,50 @@
+"""Run by tests: the `dmlp` command line (``sys.argv[1:]``), which SIGKILLs its own process (kill -9: no
+cleanup, no ``finally``) right after a checkpoint is written. ``KILL_AT=ssl:k`` dies once SimCLR's checkpoint
+of epoch k (1-based) is on disk, ``KILL_AT=purify:k`` once the purifier's checkpoint of epoch k is. Under a
+launcher every process waits for the others first, so process 0's checkpoint write is complete."""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dmlp_plugin.cli import main  # noqa: E402
+from dmlp_plugin.features import ssl  # noqa: E402
+from dmlp_plugin.purifier import dmlp  # noqa: E402
+
+
+def _die():
+    import torch.distributed as td  # noqa: PLC0415
+
+    if td.is_available() and td.is_initialized():
+        td.barrier()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _arm(stage: str, epoch: int) -> None:
+    if stage == "ssl":
+        train = ssl.train_simclr
+
+        def train_then_die(*args, **kwargs):
+            kwargs["on_epoch_end"] = lambda e, loss: _die() if e + 1 == epoch else None
+            return train(*args, **kwargs)
+
+        ssl.train_simclr = train_then_die
+    elif stage == "purify":
+        purify = dmlp.purify
+
+        def purify_then_die(*args, **kwargs):
+            kwargs["on_epoch"] = lambda e, rec: _die() if e + 1 == epoch else None
+            return purify(*args, **kwargs)
+
+        dmlp.purify = purify_then_die
+    else:
+        raise SystemExit(f"KILL_AT stage {stage!r}: use ssl or purify")
+
+
+if __name__ == "__main__":
+    stage, _, k = os.environ["KILL_AT"].partition(":")
+    _arm(stage, int(k))
+    sys.exit(main(sys.argv[1:]))
