@@ -162,15 +162,22 @@ def test_simclr_features_under_torchrun_and_a_kill_9_resumes(tmp_path):
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["label_accuracy_after"] > metrics["label_accuracy_before"]
 
-    # both processes SIGKILLed once epoch 1's checkpoint is on disk; the same launch resumes at epoch 2 and
-    # ends with the uninterrupted run's features and labels, bit for bit
+    # both processes SIGKILLed once SimCLR's epoch-1 checkpoint is on disk; the same launch resumes at epoch 2
+    # and ends with the uninterrupted run's features and labels, bit for bit
     killed = _launch([str(WORKERS / "kill_cli.py"), *_simclr_args(tmp_path, "k")], tmp_path,
                      extra_env={"KILL_AT": "ssl:1"})
     assert killed.returncode != 0 and not (tmp_path / "k").exists()
     assert list((tmp_path / "cache_k").glob("ssl-*.pt"))
+    # the same launch again, killed this time once the purifier's epoch-2 checkpoints (one per process) exist
+    second = _launch([str(WORKERS / "kill_cli.py"), *_simclr_args(tmp_path, "k")], tmp_path,
+                     extra_env={"KILL_AT": "purify:2"})
+    assert second.returncode != 0 and not (tmp_path / "k").exists()
+    assert second.stderr.count("resuming SimCLR after epoch 1 of 3") == 1  # process 0 says it
+    assert len(list((tmp_path / "cache_k").glob("purify-*.pt.rank*"))) == 2
     again = _launch(["-m", "dmlp_plugin", *_simclr_args(tmp_path, "k")], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("resuming SimCLR after epoch 1 of 3") == 1  # process 0 says it
+    assert again.stderr.count("resuming the purifier after epoch 2 of 5") == 1
+    assert not list((tmp_path / "cache_k").glob("*.pt*"))
     a = np.load(next((tmp_path / "cache_o").glob("features-*.npz")))
     b = np.load(next((tmp_path / "cache_k").glob("features-*.npz")))
     assert a["plain"].tobytes() == b["plain"].tobytes()

@@ -1,6 +1,6 @@
 """kill -9 through the command line, as a user meets it: `dmlp purify` SIGKILLed during SimCLR training, then
-(rerun) during purification; rerunning the same command resumes each stage from its checkpoint and writes
-what an uninterrupted run writes, bit for bit."""
+(rerun) during purification; `dmlp bench` SIGKILLed during a baseline's training. Rerunning the same command
+resumes from the last checkpoint and writes what an uninterrupted run writes, bit for bit."""
 
 import json
 import os
@@ -68,3 +68,33 @@ def test_kill_9_during_ssl_and_purification_then_rerun_equals_an_uninterrupted_r
         for k in za.files:
             if k != "provenance":  # it holds the seconds taken
                 assert za[k].tobytes() == zb[k].tobytes(), k
+
+
+def _bench(out: Path, kill_at: str | None = None):
+    args = ["bench", str(ROOT / "configs" / "demo.yaml"), "--out", str(out), "--no-progress",
+            "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 10}", "--set", "seeds=[0]",
+            "--set", "arms=[purified]", "--set", "methods=[{name: elr, params: {epochs: 4}}]"]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}
+    prog = [str(KILLER)] if kill_at else ["-m", "dmlp_plugin"]
+    if kill_at:
+        env["KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, *prog, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+
+
+def test_kill_9_during_bench_training_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    straight = _bench(tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _bench(tmp_path / "b", kill_at="train:2")  # dies once ELR's epoch-2 checkpoint is on disk
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run = "symmetric-80-s0-elr-purified"
+    assert not (tmp_path / "b" / "runs" / run / "result.json").exists()
+    assert (tmp_path / "b" / "runs" / run / "checkpoint").is_dir()
+    again = _bench(tmp_path / "b")
+    assert again.returncode == 0, again.stderr[-3000:]
+    a = json.loads((tmp_path / "a" / "runs" / run / "result.json").read_text())
+    b = json.loads((tmp_path / "b" / "runs" / run / "result.json").read_text())
+    assert a["info"]["resumed_at_epoch"] is None and b["info"]["resumed_at_epoch"] == 2
+    assert a["curve"] == b["curve"] and a["test_accuracy"] == b["test_accuracy"]
+    assert not (tmp_path / "b" / "runs" / run / "checkpoint").exists()

@@ -1,7 +1,8 @@
 """Run by tests: the `dmlp` command line (``sys.argv[1:]``), which SIGKILLs its own process (kill -9: no
 cleanup, no ``finally``) right after a checkpoint is written. ``KILL_AT=ssl:k`` dies once SimCLR's checkpoint
-of epoch k (1-based) is on disk, ``KILL_AT=purify:k`` once the purifier's checkpoint of epoch k is. Under a
-launcher every process waits for the others first, so process 0's checkpoint write is complete."""
+of epoch k (1-based) is on disk, ``KILL_AT=purify:k`` once the purifier's checkpoint of epoch k is,
+``KILL_AT=train:k`` once a baseline's k-th checkpoint is (in `dmlp bench`). Under a launcher every process waits
+for the others first, so process 0's checkpoint write is complete."""
 
 import os
 import signal
@@ -40,8 +41,26 @@ def _arm(stage: str, epoch: int) -> None:
             return purify(*args, **kwargs)
 
         dmlp.purify = purify_then_die
+    elif stage == "train":
+        from dmlp_plugin.registry import load_registry  # noqa: PLC0415
+
+        saved = []
+        for entry in load_registry().entries("methods"):
+            module = sys.modules[load_registry().get("methods", entry.name).__module__]
+            save = getattr(module, "save_checkpoint", None)
+            if save is None or getattr(save, "armed", False):
+                continue
+
+            def save_then_die(accelerator, folder, meta, save=save):
+                save(accelerator, folder, meta)
+                saved.append(folder)
+                if len(saved) == epoch:
+                    _die()
+
+            save_then_die.armed = True
+            module.save_checkpoint = save_then_die
     else:
-        raise SystemExit(f"KILL_AT stage {stage!r}: use ssl or purify")
+        raise SystemExit(f"KILL_AT stage {stage!r}: use ssl, purify or train")
 
 
 if __name__ == "__main__":
