@@ -141,56 +141,107 @@ def given_label_paths(cfg: BenchConfig) -> dict[tuple[str, int], Path]:
     if unknown:
         raise UserError(f"purified_labels={pattern!r} has the placeholder {{{unknown[0]}}}; only {{noise}} and "
                         f"{{seed}} are filled in (e.g. runs/purify-{{noise}}-s{{seed}}/labels.npz)")
-    paths = {(noise_tag(n), s): Path(pattern.format(noise=noise_tag(n), seed=s)) for n in cfg.noise for s in cfg.seeds}
+    try:
+        paths = {(noise_tag(n), s): Path(pattern.format(noise=noise_tag(n), seed=s)).expanduser()
+                 for n in cfg.noise for s in cfg.seeds}
+    except (ValueError, IndexError, KeyError, AttributeError) as e:
+        raise UserError(f"purified_labels={pattern!r} cannot be filled in ({e}); use plain {{noise}} and {{seed}}, "
+                        f"e.g. runs/purify-{{noise}}-s{{seed}}/labels.npz") from None
     if len(set(paths.values())) < len(paths):
         raise UserError(f"purified_labels={pattern!r} names one file for {len(paths)} (noise, seed) cells; put "
                         f"{{noise}} and/or {{seed}} in the path, e.g. runs/purify-{{noise}}-s{{seed}}/labels.npz")
     return paths
 
 
-def load_given_labels(cfg: BenchConfig, data) -> dict[tuple[str, int], tuple]:
-    """Read and check every artifact ``purified_labels`` names, before any training: (artifact, its content
-    hash) per cell. Refused (one line): a missing, damaged or foreign file (another data set or sample order),
-    other classes, or noisy labels other than those this cell draws."""
+@dataclass(frozen=True)
+class GivenLabels:
+    """A labels artifact that ``dmlp purify`` wrote, checked against one cell of the grid."""
+
+    artifact: object  # LabelsArtifact
+    made_with: PurifyConfig  # the config it records, defaults filled in
+    path: Path
+    digest: str  # sha256 of the file: a changed file retrains the cell's runs
+    metrics: dict | None  # the metrics.json written beside it by the same run, when there
+
+
+def _settings(obj) -> dict:
+    """A config section without file paths (the same file may be spelled differently; contents are checked)."""
+    return {k: v for k, v in to_dict(obj).items() if k not in ("file", "cache_dir", "root")}
+
+
+def load_given_labels(cfg: BenchConfig, data) -> dict[tuple[str, int], GivenLabels]:
+    """Read and check every artifact ``purified_labels`` names, before any training. Refused (one line): a
+    missing, damaged or foreign file (another data set or sample order); one made with another seed or
+    trusted-subset setting than its cell; noisy labels or a trusted subset other than those the cell draws;
+    artifacts made with different preprocessors or features."""
     from dmlp_plugin import pipeline  # noqa: PLC0415
     from dmlp_plugin.artifacts import load_labels  # noqa: PLC0415
+    from dmlp_plugin.config import from_mapping  # noqa: PLC0415
 
-    out = {}
+    out: dict[tuple[str, int], GivenLabels] = {}
     paths = given_label_paths(cfg)
+    first = None
     for noise in cfg.noise:
         for seed in cfg.seeds:
             tag = noise_tag(noise)
             path = paths[(tag, seed)]
+            where = f"purified_labels {str(path)!r} (noise {tag}, seed {seed})"
             try:
                 art = load_labels(path, data.train.fingerprint())
             except UserError as e:
                 raise UserError(f"purified_labels (noise {tag}, seed {seed}): {e}") from None
-            c = data.train.num_classes
-            if art.num_classes != c:
-                raise UserError(f"purified_labels {str(path)!r} has {art.num_classes} classes but {cfg.dataset.name!r} "
-                                f"has {c}; give the artifact of this data set")
-            noisy, _ = pipeline.make_noisy(purify_config(cfg, noise, seed), data)
+            recorded = art.provenance.get("config")
+            try:
+                made = from_mapping(PurifyConfig, recorded if isinstance(recorded, dict) else None, "its config")
+            except UserError as e:
+                raise UserError(f"{where} does not record a usable `dmlp purify` config ({e}); purify again") from None
+            want = purify_config(cfg, noise, seed)
+            # (the noise setting is checked by its outcome, the noisy labels, below)
+            for name, a, b in (("seed", made.seed, want.seed), ("trusted", _settings(made.trusted),
+                                                                 _settings(want.trusted))):
+                if a != b:
+                    raise UserError(f"{where} was made with {name} {json.dumps(a)} but the cell has {json.dumps(b)}; "
+                                    f"give the artifact made with the cell's settings (or set {name} to match)")
+            noisy, truth = pipeline.make_noisy(want, data)
             differ = int(np.sum(noisy.labels != art.noisy))
             if differ:
-                raise UserError(f"purified_labels {str(path)!r} was purified from other noisy labels than noise "
-                                f"{tag} with seed {seed} draws here ({differ} of {len(art.noisy)} differ); give "
-                                f"the artifact `dmlp purify` made with that noise setting and seed")
-            out[(tag, seed)] = (art, hashlib.sha256(path.read_bytes()).hexdigest()[:16], path)
+                raise UserError(f"{where} was purified from other noisy labels than the cell draws ({differ} of "
+                                f"{len(art.noisy)} differ); give the artifact `dmlp purify` made with that noise "
+                                f"setting and seed")
+            if want.trusted.source != "knn_auto":  # knn_auto's choice depends on the features, not made here
+                idx, labels = pipeline.select_trusted(want, noisy.labels, truth, data.train.num_classes, None)
+                if not (np.array_equal(idx, art.meta_indices) and np.array_equal(labels, art.meta_labels)):
+                    raise UserError(f"{where} has another trusted subset than the cell draws ({art.meta_indices.size} "
+                                    f"vs {idx.size} samples); give the artifact made with the cell's trusted setting")
+            how = {"preprocessor": to_dict(made.preprocessor), "features": _settings(made.features)}
+            if first is None:
+                first = (where, how)
+            elif how != first[1]:
+                raise UserError(f"{where} was made with other preprocessor or feature settings than {first[0]}; "
+                                f"give artifacts of one purification setting (one A/B table, one preprocessor)")
+            beside = _read_json(path.parent / "metrics.json")
+            if beside is not None and beside.get("config_hash") != pipeline.config_hash(recorded):
+                beside = None  # written by another run than the artifact
+            out[(tag, seed)] = GivenLabels(art, made, path, hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+                                           beside)
     return out
 
 
-def _given_cell(art, digest: str, path: Path) -> tuple:
-    """The (artifact, metrics, key) of a cell whose purified labels were given."""
+def _given_cell(given: GivenLabels) -> tuple:
+    """The (artifact, metrics, key) of a cell whose purified labels were given: the metrics ``dmlp purify``
+    wrote beside the artifact when they belong to it, else the label accuracies computed here."""
     from dmlp_plugin import metrics as M  # noqa: PLC0415
 
-    metrics = {"given": str(path), "trusted": {"size": int(art.meta_indices.size)}}
-    if art.true_labels is not None:
+    art = given.artifact
+    metrics = dict(given.metrics or {})
+    if not metrics and art.true_labels is not None:
         rest = np.ones(len(art.noisy), bool)
         rest[art.meta_indices] = False
         metrics["evaluated_on"] = "the samples outside the trusted subset"
         metrics["label_accuracy_before"] = M.label_accuracy(art.noisy[rest], art.true_labels[rest])
         metrics["label_accuracy_after"] = M.label_accuracy(art.hard[rest], art.true_labels[rest])
-    return art, metrics, _hash({"format": FORMAT_VERSION, "given_labels": digest})
+    metrics["given"] = str(given.path)
+    return art, metrics, _hash({"format": FORMAT_VERSION, "given_labels": given.digest})
 
 
 def grid(cfg: BenchConfig) -> list[RunSpec]:
@@ -363,7 +414,7 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
             if cell is None or cell[0] != (noise_tag(spec.noise), spec.seed):
                 bar.set_description(f"bench: purify {noise_tag(spec.noise)} seed {spec.seed}")
                 if given:
-                    art, pmetrics, pkey = _given_cell(*given[(noise_tag(spec.noise), spec.seed)])
+                    art, pmetrics, pkey = _given_cell(given[(noise_tag(spec.noise), spec.seed)])
                 else:
                     art, pmetrics, pkey = _purify_cell(cfg, spec.noise, spec.seed, data, views, built, device,
                                                        out, progress, dist)
@@ -379,11 +430,10 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
             bar.update(1)
     finally:
         bar.close()
-    if given:  # what made the given labels, as their first artifact records it
-        prov = next(iter(given.values()))[0].provenance
-        features = dict(prov.get("features") or {})
-        pre = dict((prov.get("config") or {}).get("preprocessor") or {})
-        preprocessor = {"name": pre.get("name", "unknown"), "params": pre.get("params", {}),
+    if given:  # what made the given labels (the same for every cell: checked)
+        one = next(iter(given.values()))
+        features = dict(one.artifact.provenance.get("features") or {})
+        preprocessor = {"name": one.made_with.preprocessor.name, "params": one.made_with.preprocessor.params,
                         "given": cfg.purified_labels}
     else:
         features = views.provenance
@@ -391,7 +441,7 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
     summary = {"features": features, "feature_seconds": feature_seconds, "device": device,
                "config_hash": pipeline.config_hash(raw or to_dict(cfg)), "versions": pipeline.versions(),
                "preprocessor": preprocessor,
-               "trusted": to_dict(cfg.trusted) if not given else {"source": "the given artifacts' trusted subsets"}, "noise_rate": cfg.noise_rate, "seeds": list(cfg.seeds),
+               "trusted": to_dict(cfg.trusted), "noise_rate": cfg.noise_rate, "seeds": list(cfg.seeds),
                "arms": list(cfg.arms), "dataset": cfg.dataset.name,
                "n_train": len(data.train), "n_test": len(data.test), "num_classes": data.train.num_classes,
                "world_size": dist.world_size}

@@ -187,6 +187,8 @@ def write_bench_report(folder: Path, records: list[dict], purifications: dict, s
                          f"{_pct(m.get('trusted_only', {}).get('label_accuracy_after'))} | "
                          f"{m.get('seconds', {}).get('purify', 0):.1f} |")
         lines.append("")
-    lines += ["Files: `results.json` / `results.csv` (one row per run), `purification.json`, `purify/<noise>-s<seed>/"
-              "labels.npz` (the purified labels of each cell), `runs/<run>/result.json` (curve and details).", ""]
+    labels_at = (f"`{pre['given']}` (the given purified labels of each cell)" if pre.get("given") else
+                 "`purify/<noise>-s<seed>/labels.npz` (the purified labels of each cell)")
+    lines += [f"Files: `results.json` / `results.csv` (one row per run), `purification.json`, {labels_at}, "
+              "`runs/<run>/result.json` (curve and details).", ""]
     write_text(folder / "report.md", "\n".join(lines))

@@ -138,8 +138,8 @@ class BenchConfig:
     purified_labels: labels artifacts made earlier by ``dmlp purify`` to train the purified arms on, instead of
     purifying here (purify once on a big machine, benchmark many methods later): a path in which ``{noise}``
     and ``{seed}`` stand for each cell's noise tag (e.g. ``symmetric-80``) and seed. Each must be of this data
-    set (sample-order fingerprint) and of the noisy labels this cell draws (same noise setting and seed); its
-    trusted subset is the one both arms spend. Features are not made then."""
+    set (sample-order fingerprint), made with the cell's seed and ``trusted`` setting, and of the noisy labels
+    and trusted subset the cell draws; all of one preprocessor and feature setting. Features are not made then."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     device: str = "auto"

@@ -110,20 +110,30 @@ BENCH_CASES = [
     ("labels.npz not an artifact", ["purified_labels=l_garbage.npz"], r"'l_garbage\.npz' is corrupt or truncated"),
     ("labels of another data set", ["purified_labels=other/labels.npz"],
      r"'other/labels\.npz' belongs to another data set or sample order"),
-    ("labels of other noisy labels", ["purified_labels=good/labels.npz", "seeds=[1]"],
-     r"'good/labels\.npz' was purified from other noisy labels than noise symmetric-80 with seed 1"),
+    ("labels made with another seed", ["purified_labels=good/labels.npz", "seeds=[1]"],
+     r"'good/labels\.npz' \(noise symmetric-80, seed 1\) was made with seed 0 but the cell has 1"),
+    ("labels made with another trusted setting", ["purified_labels=good/labels.npz", "trusted.size=0.05"],
+     r"'good/labels\.npz' .* was made with trusted \{.*\"size\": 0\.03.*\} but the cell has \{.*\"size\": 0\.05"),
+    ("labels of another noise file", ["purified_labels=human/labels.npz", "noise=[{kind: human, file: h_other.npy}]"],
+     r"'human/labels\.npz' .* was purified from other noisy labels than the cell draws \(\d+ of 1437 differ\)"),
     ("one labels file, several cells", ["purified_labels=good/labels.npz", "seeds=[0, 1]"],
      r"purified_labels='good/labels\.npz' names one file for 2 \(noise, seed\) cells; put \{noise\}"),
     ("unknown placeholder", ["purified_labels=p-{sed}/labels.npz"], r"has the placeholder \{sed\}; only"),
+    ("format code in the pattern", ["purified_labels=p-{noise:d}/labels.npz"],
+     r"purified_labels='p-\{noise:d\}/labels\.npz' cannot be filled in .*use plain \{noise\}"),
 ]
 
 
 def _artifacts(folder: Path) -> None:
     """Labels artifacts as `dmlp purify` writes them (good: digits, sym 80%, seed 0; other: another split of
-    digits), and two damaged ones, in ``folder``."""
+    digits; human: from a human-noise file), and two damaged ones, in ``folder``."""
     from dmlp_plugin.cli import main
 
-    for name, extra in (("good", []), ("other", ["--set", "dataset.params={seed: 1}"])):
+    rng = np.random.default_rng(0)
+    np.save(folder / "h_mine.npy", rng.integers(0, 10, N))
+    np.save(folder / "h_other.npy", rng.integers(0, 10, N))
+    for name, extra in (("good", []), ("other", ["--set", "dataset.params={seed: 1}"]),
+                        ("human", ["--set", "noise.kind=human", "--set", f"noise.file={folder / 'h_mine.npy'}"])):
         code = main(["purify", CONFIG, "--out", str(folder / name), *FAST, "--set", "noise.rate=0.8", *extra])
         assert code == 0
     data = (folder / "good" / "labels.npz").read_bytes()

@@ -126,7 +126,7 @@ def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: 
         "cifar_stem": cfg.cifar_stem,
         "image_size": cfg.image_size,
         "epochs": cfg.epochs,
-        "seconds": round(train_seconds, 2),
+        "seconds": round(getattr(model, "simclr_seconds", train_seconds), 2),  # SimCLR training, resumes included
         "final_loss": losses[-1] if losses else None,
         "loss_history": losses,
         "dim": int(views["plain"].shape[1]),

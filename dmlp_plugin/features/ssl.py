@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -240,7 +241,8 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
     """Train a backbone with SimCLR on ``images`` (uint8 (N, H, W, C), C in {1, 3}; no labels).
 
     Returns the backbone (projection head dropped) in eval mode on ``device``; its attribute
-    ``simclr_losses`` holds the mean loss of every epoch. ``progress`` shows a tqdm bar with the running
+    ``simclr_losses`` holds the mean loss of every epoch, ``simclr_seconds`` the training time (a resumed run
+    adds the time of the runs before it). ``progress`` shows a tqdm bar with the running
     loss. ``checkpoint``: a path; after every epoch model, optimiser and epoch are saved there atomically,
     and a later call with the same path, settings and images resumes after the last saved epoch (a file
     from other settings or an unreadable one is ignored with a warning). ``on_epoch_end(epoch, loss)`` is
@@ -277,6 +279,7 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
     losses: list[float] = []
     start = 0
     identity = None
+    t0, spent = time.perf_counter(), 0.0  # spent: training seconds of the runs a resume continues
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
         identity = {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "data": _data_hash(images)}
@@ -287,6 +290,7 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
             opt.load_state_dict(state["optimizer"])
             start = int(state["epoch"])
             losses = [float(v) for v in state["losses"]]
+            spent = float(state.get("seconds", 0.0))
             if dist.is_main:
                 print(f"resuming SimCLR after epoch {start} of {cfg.epochs} from {checkpoint}", file=sys.stderr)
 
@@ -345,6 +349,7 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
             losses.append(total / steps)
             if checkpoint is not None and dist.is_main:
                 state = {"identity": identity, "epoch": epoch + 1, "losses": list(losses),
+                         "seconds": spent + time.perf_counter() - t0,
                          "model": plain.state_dict(), "optimizer": opt.state_dict()}
                 with atomic_path(checkpoint) as tmp:  # temp file + os.replace: a kill leaves the old one
                     torch.save(state, tmp)
@@ -355,6 +360,7 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
 
     backbone = plain.backbone.eval()
     backbone.simclr_losses = losses
+    backbone.simclr_seconds = spent + time.perf_counter() - t0  # over every run, when resumed
     return backbone
 
 
