@@ -169,6 +169,21 @@ def _settings(obj) -> dict:
     return {k: v for k, v in to_dict(obj).items() if k not in ("file", "cache_dir", "root")}
 
 
+def _features_identity(prov: dict) -> dict:
+    """What identifies the features an artifact was purified on (not when or where they were made)."""
+    out = {k: prov[k] for k in ("source", "key", "path", "dims") if k in prov}
+    out["view2"] = prov.get("view2")
+    if isinstance(prov.get("ssl_config"), dict):
+        out["ssl_seed"] = prov["ssl_config"].get("seed")
+    return out
+
+
+def _describe(feats: dict) -> str:
+    if feats.get("source") == "ssl":
+        return f"SimCLR features {feats.get('key')} (SimCLR seed {feats.get('ssl_seed')})"
+    return f"{feats.get('source')} {feats.get('path') or ''}".strip() + f", view 2 {(feats.get('view2') or {}).get('source')}"
+
+
 def load_given_labels(cfg: BenchConfig, data) -> dict[tuple[str, int], GivenLabels]:
     """Read and check every artifact ``purified_labels`` names, before any training. Refused (one line): a
     missing, damaged or foreign file (another data set or sample order); one made with another seed or
@@ -213,12 +228,19 @@ def load_given_labels(cfg: BenchConfig, data) -> dict[tuple[str, int], GivenLabe
                 if not (np.array_equal(idx, art.meta_indices) and np.array_equal(labels, art.meta_labels)):
                     raise UserError(f"{where} has another trusted subset than the cell draws ({art.meta_indices.size} "
                                     f"vs {idx.size} samples); give the artifact made with the cell's trusted setting")
-            how = {"preprocessor": to_dict(made.preprocessor), "features": _settings(made.features)}
+            feats = _features_identity(art.provenance.get("features") or {})
             if first is None:
-                first = (where, how)
-            elif how != first[1]:
-                raise UserError(f"{where} was made with other preprocessor or feature settings than {first[0]}; "
-                                f"give artifacts of one purification setting (one A/B table, one preprocessor)")
+                first = (where, to_dict(made.preprocessor), feats)
+            elif to_dict(made.preprocessor) != first[1]:
+                raise UserError(f"{where} was made with preprocessor {json.dumps(to_dict(made.preprocessor))} but "
+                                f"{first[0]} with {json.dumps(first[1])}; give artifacts of one preprocessor setting")
+            elif feats != first[2]:
+                hint = (f"; SimCLR is seeded by `dmlp purify`'s seed unless features.ssl.seed is set: purify every seed "
+                        f"with --set features.ssl.seed={first[2].get('ssl_seed')} to share one set of features"
+                        if feats.get("source") == first[2].get("source") == "ssl" else "")
+                raise UserError(f"{where} was purified on other features than {first[0]} "
+                                f"({_describe(feats)} vs {_describe(first[2])}); give artifacts purified on one set "
+                                f"of features{hint}")
             beside = _read_json(path.parent / "metrics.json")
             if beside is not None and beside.get("config_hash") != pipeline.config_hash(recorded):
                 beside = None  # written by another run than the artifact

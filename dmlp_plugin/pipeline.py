@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -308,6 +309,12 @@ def _world_size(device: str) -> int:
     return current(device).world_size
 
 
+def _is_main(device: str) -> bool:
+    from dmlp_plugin.distributed import current  # noqa: PLC0415
+
+    return current(device).is_main
+
+
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder; give a folder path")
@@ -367,6 +374,14 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
     if meta_idx.size == 0 and cfg.preprocessor.name in ("dmlp", "trusted_only"):
         raise UserError(f"preprocessor {cfg.preprocessor.name!r} needs a trusted subset; set trusted.source to "
                         f"clean_sample, index_file or knn_auto")
+    from dmlp_plugin.checks.knn import trusted_separability  # noqa: PLC0415
+
+    separability = trusted_separability(views.arrays[0], meta_idx, meta_labels)
+    if separability is not None and separability["at_chance"] and _is_main(device):
+        print(f"warning: the features do not tell the {separability['trusted']} trusted samples' classes apart "
+              f"(1-NN accuracy among them {separability['accuracy']:.2f}, chance {separability['chance']:.2f}); "
+              f"are the feature rows in the data set's training order? (see the README, 'Your own features')",
+              file=sys.stderr)
 
     t = time.perf_counter()
     result = run_preprocessor(built["preprocessor"], views, noisy, meta_idx, meta_labels, c, truth, device,
@@ -387,6 +402,7 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
         "features": views.provenance,
         "mean_confidence": float(result.confidence[rest].mean()) if rest.any() else None,
         "mean_neighbour_agreement": float(agreement.mean()),
+        "trusted_separability": separability,
         "seconds": timings,
         "config_hash": config_hash(raw or to_dict(cfg)), "versions": versions(),
     }

@@ -5,6 +5,7 @@ folder. (More cases, at the module level, in test_cli.py, test_data.py, test_art
 ``python tests/test_catalogue.py`` prints the catalogue as a Markdown table (input, message, exit code)."""
 
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -118,6 +119,8 @@ BENCH_CASES = [
      r"'human/labels\.npz' .* was purified from other noisy labels than the cell draws \(\d+ of 1437 differ\)"),
     ("one labels file, several cells", ["purified_labels=good/labels.npz", "seeds=[0, 1]"],
      r"purified_labels='good/labels\.npz' names one file for 2 \(noise, seed\) cells; put \{noise\}"),
+    ("labels purified on other features", ["purified_labels=f-s{seed}/labels.npz", "seeds=[0, 1]"],
+     r"'f-s1/labels\.npz' \(noise symmetric-80, seed 1\) was purified on other features than .*f-s0"),
     ("unknown placeholder", ["purified_labels=p-{sed}/labels.npz"], r"has the placeholder \{sed\}; only"),
     ("format code in the pattern", ["purified_labels=p-{noise:d}/labels.npz"],
      r"purified_labels='p-\{noise:d\}/labels\.npz' cannot be filled in .*use plain \{noise\}"),
@@ -133,9 +136,11 @@ def _artifacts(folder: Path) -> None:
     np.save(folder / "h_mine.npy", rng.integers(0, 10, N))
     np.save(folder / "h_other.npy", rng.integers(0, 10, N))
     for name, extra in (("good", []), ("other", ["--set", "dataset.params={seed: 1}"]),
-                        ("human", ["--set", "noise.kind=human", "--set", f"noise.file={folder / 'h_mine.npy'}"])):
+                        ("human", ["--set", "noise.kind=human", "--set", f"noise.file={folder / 'h_mine.npy'}"]),
+                        ("f-s1", ["--set", "seed=1", "--set", "features.second_view=random_relu"])):
         code = main(["purify", CONFIG, "--out", str(folder / name), *FAST, "--set", "noise.rate=0.8", *extra])
         assert code == 0
+    shutil.copytree(folder / "good", folder / "f-s0")
     data = (folder / "good" / "labels.npz").read_bytes()
     (folder / "l_trunc.npz").write_bytes(data[: len(data) // 2])
     (folder / "l_garbage.npz").write_bytes(b"these are not labels\n" * 50)

@@ -46,6 +46,28 @@ def test_purify_writes_the_artifact_metrics_and_report(purified):
     report = (out / "report.md").read_text()
     assert "| noisy (before) |" in report and "knn_vote" in report
     assert "label accuracy: noisy" in r.stdout
+    assert m["trusted_separability"]["at_chance"] is False and "warning" not in r.stderr
+
+
+def test_features_in_another_order_are_flagged(tmp_path, capsys):
+    # a user's own features whose rows are not in the data set's training order: the run completes (nothing
+    # can prove the order wrong) but says so, because the trusted samples' classes are not told apart
+    from dmlp_plugin.config import load_config
+    from dmlp_plugin.pipeline import load_data, raw_pixel_features
+
+    cfg, _ = load_config(CONFIG)
+    x = raw_pixel_features(load_data(cfg).train.images)
+    np.save(tmp_path / "mine.npy", x)
+    np.save(tmp_path / "shuffled.npy", x[np.random.default_rng(0).permutation(len(x))])
+    for name, flagged in (("mine", False), ("shuffled", True)):
+        code = main(["purify", CONFIG, "--out", str(tmp_path / name), "--no-progress", "--set", "features.source=npy",
+                     "--set", f"features.path={tmp_path / (name + '.npy')}", "--set", "preprocessor.params={epochs: 5}"])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        sep = json.loads((tmp_path / name / "metrics.json").read_text())["trusted_separability"]
+        assert sep["at_chance"] is flagged
+        assert ("warning: the features do not tell the 40 trusted samples' classes apart" in err) is flagged
+        assert ("training order" in err) is flagged
 
 
 def test_dmlp_and_python_dash_m_are_the_same_program():

@@ -44,3 +44,19 @@ def test_select_meta_is_balanced_and_cleaner_than_the_noisy_labels():
 
 def test_backend_name_is_known():
     assert knn.backend_name() in {"faiss-gpu", "faiss-cpu", "torch"}
+
+
+def test_trusted_separability_flags_features_in_another_order():
+    # 10 well-separated classes: the trusted samples' 1-NN among themselves is right; the same features with
+    # their rows shuffled (a user's features in another order than the data set's) score at chance
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 32)) * 3
+    y = np.repeat(np.arange(10), 100)
+    x = (centres[y] + rng.normal(size=(1000, 32))).astype(np.float32)
+    meta = np.concatenate([np.where(y == c)[0][:4] for c in range(10)])
+    good = knn.trusted_separability(x, meta, y[meta])
+    assert good["accuracy"] == 1.0 and not good["at_chance"] and good["trusted"] == 40
+    assert good["chance"] == pytest.approx(3 / 39)
+    bad = knn.trusted_separability(x[rng.permutation(1000)], meta, y[meta])
+    assert bad["at_chance"] and bad["accuracy"] < 0.25
+    assert knn.trusted_separability(x, meta[::4], y[meta[::4]]) is None  # one per class: nothing to measure
