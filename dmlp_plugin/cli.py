@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "YAML config and write DIR/results.json, DIR/results.csv, DIR/report.md and "
                                      "plots. Finished runs are skipped and a killed run resumes when the same "
                                      "command is run again. Under `torchrun` or `accelerate launch` purification "
-                                     "is sharded and every method trains data-parallel.")
+                                     "is sharded and every method trains data-parallel. To train on labels "
+                                     "`dmlp purify` wrote earlier instead of purifying: --set "
+                                     "'purified_labels=runs/p-{noise}-s{seed}/labels.npz' (see the README).")
     ben.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     ben.add_argument("--out", required=True, metavar="DIR", help="output folder (created; reused to resume)")
     ben.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
