@@ -303,18 +303,6 @@ def neighbour_agreement(view1: np.ndarray, labels: np.ndarray, k: int) -> np.nda
 # the whole purify run
 
 
-def _world_size(device: str) -> int:
-    from dmlp_plugin.distributed import current  # noqa: PLC0415
-
-    return current(device).world_size
-
-
-def _is_main(device: str) -> bool:
-    from dmlp_plugin.distributed import current  # noqa: PLC0415
-
-    return current(device).is_main
-
-
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder; give a folder path")
@@ -365,7 +353,10 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
     ``checkpoint`` (a killed run resumes from it; the caller deletes it once its outputs are written)."""
     from dmlp_plugin import metrics as M  # noqa: PLC0415
     from dmlp_plugin.artifacts import LabelsArtifact  # noqa: PLC0415
+    from dmlp_plugin.checks.knn import trusted_separability  # noqa: PLC0415
+    from dmlp_plugin.distributed import current  # noqa: PLC0415
 
+    dist = current(device)
     timings = dict(timings or {})
     noisy_labels, truth = make_noisy(cfg, data)
     noisy = noisy_labels.labels
@@ -374,10 +365,8 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
     if meta_idx.size == 0 and cfg.preprocessor.name in ("dmlp", "trusted_only"):
         raise UserError(f"preprocessor {cfg.preprocessor.name!r} needs a trusted subset; set trusted.source to "
                         f"clean_sample, index_file or knn_auto")
-    from dmlp_plugin.checks.knn import trusted_separability  # noqa: PLC0415
-
     separability = trusted_separability(views.arrays[0], meta_idx, meta_labels)
-    if separability is not None and separability["at_chance"] and _is_main(device):
+    if separability is not None and separability["at_chance"] and dist.is_main:
         print(f"warning: the features do not tell the {separability['trusted']} trusted samples' classes apart "
               f"(1-NN accuracy among them {separability['accuracy']:.2f}, chance {separability['chance']:.2f}); "
               f"are the feature rows in the data set's training order? (see the README, 'Your own features')",
@@ -394,7 +383,7 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
     rest = ~is_meta
     metrics: dict = {
         "dataset": cfg.dataset.name, "num_samples": int(len(noisy)), "num_classes": int(c),
-        "preprocessor": cfg.preprocessor.name, "seed": cfg.seed, "device": device, "world_size": _world_size(device),
+        "preprocessor": cfg.preprocessor.name, "seed": cfg.seed, "device": device, "world_size": dist.world_size,
         "noise": {"kind": noisy_labels.kind, "rate": noisy_labels.rate, "flip_rate": noisy_labels.flip_rate,
                   "include_true_class": noisy_labels.include_true_class},
         "trusted": {"source": cfg.trusted.source, "size": int(meta_idx.size),
@@ -455,9 +444,8 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
     Returns the metrics dict."""
     from dmlp_plugin.artifacts import save_labels  # noqa: PLC0415
     from dmlp_plugin.atomic import write_json, write_text  # noqa: PLC0415
-    from dmlp_plugin.report import write_purify_report  # noqa: PLC0415
-
     from dmlp_plugin.distributed import current  # noqa: PLC0415
+    from dmlp_plugin.report import write_purify_report  # noqa: PLC0415
 
     out = Path(out)
     check_out_dir(out)
@@ -497,7 +485,6 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
     for f in ckpt.parent.glob(ckpt.name + "*"):  # done: every process's checkpoint goes
         f.unlink(missing_ok=True)
     return p.metrics
-
 
 
 def yaml_dump(obj) -> str:
