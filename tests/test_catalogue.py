@@ -146,7 +146,7 @@ def _artifacts(folder: Path) -> None:
     (folder / "l_garbage.npz").write_bytes(b"these are not labels\n" * 50)
 
 
-def _bench(case_args, folder: Path):
+def _bench(case_args):
     from dmlp_plugin.cli import main
 
     sets = [x for a in case_args for x in ("--set", a)]
@@ -170,6 +170,14 @@ def _run(case_args, folder: Path, capsys, monkeypatch):
     return code, capsys.readouterr().err, folder / out
 
 
+def _assert_refused(code: int, err: str, message: str) -> None:
+    """Exit code 2 and one line `error: ...` matching ``message``, no traceback."""
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("catalogue")
@@ -181,10 +189,7 @@ def bad_files(tmp_path_factory):
 def test_bad_input_gives_one_line_exit_2_and_writes_nothing(what, args, message, bad_files, capsys, monkeypatch):
     before = sorted(p.name for p in bad_files.iterdir())
     code, err, out = _run(args, bad_files, capsys, monkeypatch)
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    assert re.search(message, err), err
+    _assert_refused(code, err, message)
     assert not out.exists()
     assert sorted(p.name for p in bad_files.iterdir()) == before  # no staging folder left behind
 
@@ -201,12 +206,9 @@ def test_bad_labels_artifact_for_bench_is_refused_before_training(what, args, me
                                                                   monkeypatch):
     monkeypatch.chdir(artifacts)
     before = sorted(p.name for p in artifacts.iterdir())
-    code = _bench(args, artifacts)
+    code = _bench(args)
     err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    assert re.search(message, err), err
+    _assert_refused(code, err, message)
     assert sorted(p.name for p in artifacts.iterdir()) == before  # no output folder, no staging folder
 
 
@@ -300,7 +302,7 @@ if __name__ == "__main__":  # the catalogue as a table
         for what, args, _ in BENCH_CASES:
             buf = StringIO()
             with redirect_stderr(buf):
-                code = _bench(args, folder)
+                code = _bench(args)
             msg = buf.getvalue().strip().replace("|", "\\|").replace(str(folder) + "/", "")
             print(f"| `dmlp bench`: {what} | `{msg}` | {code} |")
         os.chdir(os_cwd)

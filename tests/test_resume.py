@@ -15,10 +15,8 @@ KILLER = ROOT / "tests" / "workers" / "kill_cli.py"
 SSL = "features.ssl={backbone: test_resnet, image_size: 16, epochs: 4, batch_size: 128, hflip: false}"
 
 
-def _purify(out: Path, cache: Path, kill_at: str | None = None):
-    args = ["purify", str(ROOT / "configs" / "purify-digits.yaml"), "--out", str(out), "--no-progress",
-            "--set", f"features.cache_dir={cache}", "--set", SSL, "--set", "preprocessor.params={epochs: 12}",
-            "--set", "noise.rate=0.6", "--set", "seed=3"]
+def _dmlp(*args: str, kill_at: str | None = None):
+    """`dmlp ARGS` in a fresh process (one thread); with ``kill_at`` it SIGKILLs itself there (kill_cli.py)."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": "1"}
     prog = [str(KILLER)] if kill_at else ["-m", "dmlp_plugin"]
@@ -26,6 +24,12 @@ def _purify(out: Path, cache: Path, kill_at: str | None = None):
         env["KILL_AT"] = kill_at
     return subprocess.run([sys.executable, *prog, *args], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=600)
+
+
+def _purify(out: Path, cache: Path, kill_at: str | None = None):
+    return _dmlp("purify", str(ROOT / "configs" / "purify-digits.yaml"), "--out", str(out), "--no-progress",
+                 "--set", f"features.cache_dir={cache}", "--set", SSL, "--set", "preprocessor.params={epochs: 12}",
+                 "--set", "noise.rate=0.6", "--set", "seed=3", kill_at=kill_at)
 
 
 def test_kill_9_during_ssl_and_purification_then_rerun_equals_an_uninterrupted_run(tmp_path):
@@ -71,16 +75,9 @@ def test_kill_9_during_ssl_and_purification_then_rerun_equals_an_uninterrupted_r
 
 
 def _bench(out: Path, kill_at: str | None = None):
-    args = ["bench", str(ROOT / "configs" / "demo.yaml"), "--out", str(out), "--no-progress",
-            "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 10}", "--set", "seeds=[0]",
-            "--set", "arms=[purified]", "--set", "methods=[{name: elr, params: {epochs: 4}}]"]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
-    prog = [str(KILLER)] if kill_at else ["-m", "dmlp_plugin"]
-    if kill_at:
-        env["KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, *prog, *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
+    return _dmlp("bench", str(ROOT / "configs" / "demo.yaml"), "--out", str(out), "--no-progress",
+                 "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 10}", "--set", "seeds=[0]",
+                 "--set", "arms=[purified]", "--set", "methods=[{name: elr, params: {epochs: 4}}]", kill_at=kill_at)
 
 
 def test_kill_9_during_bench_training_then_rerun_equals_an_uninterrupted_run(tmp_path):

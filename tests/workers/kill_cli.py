@@ -24,23 +24,23 @@ def _die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _die_after(module, name: str, hook: str, epoch: int) -> None:
+    """Replace ``module.name`` by a wrapper that passes a per-epoch callback ``hook(e, _)`` dying after epoch
+    ``epoch`` (1-based; the callbacks run once the epoch's checkpoint is written)."""
+    fn = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        kwargs[hook] = lambda e, _: _die() if e + 1 == epoch else None
+        return fn(*args, **kwargs)
+
+    setattr(module, name, wrapper)
+
+
 def _arm(stage: str, epoch: int) -> None:
     if stage == "ssl":
-        train = ssl.train_simclr
-
-        def train_then_die(*args, **kwargs):
-            kwargs["on_epoch_end"] = lambda e, loss: _die() if e + 1 == epoch else None
-            return train(*args, **kwargs)
-
-        ssl.train_simclr = train_then_die
+        _die_after(ssl, "train_simclr", "on_epoch_end", epoch)
     elif stage == "purify":
-        purify = dmlp.purify
-
-        def purify_then_die(*args, **kwargs):
-            kwargs["on_epoch"] = lambda e, rec: _die() if e + 1 == epoch else None
-            return purify(*args, **kwargs)
-
-        dmlp.purify = purify_then_die
+        _die_after(dmlp, "purify", "on_epoch", epoch)
     elif stage == "train":
         from dmlp_plugin.registry import load_registry  # noqa: PLC0415
 
