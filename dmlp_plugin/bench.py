@@ -338,7 +338,7 @@ def _purify_cell(cfg: BenchConfig, noise: NoiseConfig, seed: int, data, views, b
     return p.artifact, metrics, key
 
 
-def _train_cell(spec: RunSpec, trainer, art, data, purify_key: str, cfg: BenchConfig, device: str,
+def _train_cell(spec: RunSpec, trainer, art, data, cfg: BenchConfig, device: str,
                 out: Path, progress: bool, dist: Dist = Dist()) -> dict:
     """Train one method on one arm; returns the run record (reused when its key matches). Under several
     processes the trainer runs data-parallel (accelerate) and process 0 writes."""
@@ -346,16 +346,19 @@ def _train_cell(spec: RunSpec, trainer, art, data, purify_key: str, cfg: BenchCo
     from dmlp_plugin.atomic import write_json  # noqa: PLC0415
 
     folder = out / "runs" / spec.run_id
+    labels = arm_labels(spec.arm, art)
+    # a run depends on what it trains on: the training labels themselves (not on how they were made, so a
+    # noisy arm, or a purified arm whose labels came out the same, is reused after a purifier change)
+    labels_sha = hashlib.sha256(np.ascontiguousarray(labels).tobytes() + str(labels.dtype).encode()).hexdigest()[:16]
     key = _hash({"format": FORMAT_VERSION, "method": dataclasses.asdict(trainer), "name": spec.method.name,
-                 "arm": spec.arm, "purify": purify_key, "noise_rate": cfg.noise_rate,
-                 "test": data.test.fingerprint()})
+                 "arm": spec.arm, "labels": labels_sha, "noise_rate": cfg.noise_rate,
+                 "train": data.train.fingerprint(), "test": data.test.fingerprint()})
     dist.barrier()
     done = _read_json(folder / "result.json")
     if done is not None and done.get("key") == key:
         done["reused"] = True
         return done
     truth = art.true_labels
-    labels = arm_labels(spec.arm, art)
     wrong = wrong_fraction(labels, truth)
     known = cfg.noise_rate == "known" and wrong is not None
     td = TrainData(data.train.images, labels, data.test.images, data.test.labels, data.train.num_classes,
@@ -414,6 +417,9 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
     progress = progress and dist.is_main
     first = purify_config(cfg, cfg.noise[0], cfg.seeds[0])
     data = pipeline.load_data(first)
+    if data.train.images is None:
+        raise UserError(f"dataset {cfg.dataset.name!r} has no images (labels only), and the benchmark's methods "
+                        f"train on images; give dataset.params.images, or use `dmlp purify` for your features")
     if data.test is None:
         raise UserError(f"dataset {cfg.dataset.name!r} has no test split, which the benchmark scores on; "
                         f"give dataset.params that keep one (e.g. test_fraction: 0.2)")
@@ -436,14 +442,14 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
             if cell is None or cell[0] != (noise_tag(spec.noise), spec.seed):
                 bar.set_description(f"bench: purify {noise_tag(spec.noise)} seed {spec.seed}")
                 if given:
-                    art, pmetrics, pkey = _given_cell(given[(noise_tag(spec.noise), spec.seed)])
+                    art, pmetrics, _ = _given_cell(given[(noise_tag(spec.noise), spec.seed)])
                 else:
-                    art, pmetrics, pkey = _purify_cell(cfg, spec.noise, spec.seed, data, views, built, device,
+                    art, pmetrics, _ = _purify_cell(cfg, spec.noise, spec.seed, data, views, built, device,
                                                        out, progress, dist)
                 purifications[f"{noise_tag(spec.noise)}-s{spec.seed}"] = pmetrics
-                cell = ((noise_tag(spec.noise), spec.seed), art, pkey)
+                cell = ((noise_tag(spec.noise), spec.seed), art)
             bar.set_description(f"bench: {spec.method.name} on {spec.arm} ({noise_tag(spec.noise)}, seed {spec.seed})")
-            rec = _train_cell(spec, trainers[method_label(spec.method)], cell[1], data, cell[2], cfg, device, out,
+            rec = _train_cell(spec, trainers[method_label(spec.method)], cell[1], data, cfg, device, out,
                               progress, dist)
             records.append(rec)
             if dist.is_main:

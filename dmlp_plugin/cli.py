@@ -67,10 +67,26 @@ def _cmd_purify(args) -> int:
     if launcher_rank() != 0:  # under a launcher, process 0 speaks for all
         return 0
     if "label_accuracy_after" in metrics:
+        from dmlp_plugin.report import comparison_setting, comparisons  # noqa: PLC0415
+
+        sec = metrics["seconds"]
         parts = [f"noisy {metrics['label_accuracy_before']:.4f}",
-                 f"{metrics['preprocessor']} {metrics['label_accuracy_after']:.4f}"]
-        parts += [f"{k} {metrics[k]['label_accuracy_after']:.4f}" for k in ("knn_vote", "trusted_only") if k in metrics]
-        print("label accuracy: " + ", ".join(parts))
+                 f"{metrics['preprocessor']} {metrics['label_accuracy_after']:.4f} ({sec.get('purify', 0):.1f} s)"]
+        for name, e in comparisons(metrics):
+            if e.get("label_accuracy_after") is None:
+                parts.append(f"{name} {e.get('status', 'n/a')}")
+                continue
+            setting = comparison_setting(name, e).split(";")[0] if name == "knn_vote" else ""
+            parts.append(f"{name} {e['label_accuracy_after']:.4f} ({setting + ', ' if setting else ''}"
+                         f"{e.get('seconds', 0):.1f} s)")
+        print("label accuracy: " + ", ".join(parts) + f"; total {sec.get('total', 0):.1f} s")
+    est = metrics.get("estimated_accuracy")
+    if est:
+        first = next(iter(est.values()))
+        print(f"estimated without true labels ({first['folds']}-fold over the {first['scored']} trusted, "
+              f"{round(100 * first['level'])}% interval): "
+              + ", ".join(f"{k} {e['estimate']:.4f} [{e['low']:.3f}, {e['high']:.3f}]" for k, e in est.items())
+              + f"; {metrics['seconds'].get('estimate', 0):.1f} s")
     world = metrics.get("world_size", 1)
     print(f"wrote {os.path.join(args.out, 'labels.npz')}, metrics.json, report.md"
           + (f" ({world} processes)" if world > 1 else ""))

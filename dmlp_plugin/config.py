@@ -86,12 +86,23 @@ class PreprocessorConfig:
 
 @dataclass(frozen=True)
 class ChecksConfig:
-    """faiss checks: ``k`` neighbours for the agreement score; ``vote_ks`` the k values tried for the
-    knn_vote comparison (the best is reported); ``compare`` other preprocessors run for the report."""
+    """faiss checks: ``k`` neighbours for the agreement score. ``compare``: other preprocessors run for the
+    report when the true labels are known (their label accuracy, setting and seconds; ``cleanlab`` needs
+    ``pip install 'dmlp_plugin[cleanlab]'`` and is reported as not installed otherwise). For ``knn_vote``:
+    ``vote_ks`` the k values tried (``auto``: 5, 10, 20, 50, 100, 200, ... up to max(200, sqrt(N)), at most
+    400 and N - 1; or a list of positive integers) and ``vote_views`` the features searched (``auto``: each
+    view alone and all views concatenated; or a list of ``1``, ``2``, ``all``); one search per view set at
+    the largest k, and the best (views, k) by label accuracy is reported (chosen with the true labels).
+    ``estimate_folds``: K of the label-accuracy estimate that needs no true labels (K-fold cross-validation
+    over the trusted subset, :mod:`dmlp_plugin.estimate`) for the preprocessor and every comparison; 0 turns it
+    off. It costs K more runs of each; ``estimate_compare: false`` estimates the preprocessor only."""
 
     k: int = 10
-    vote_ks: list = field(default_factory=lambda: [5, 10, 20, 50])
-    compare: list = field(default_factory=lambda: ["knn_vote", "trusted_only"])
+    vote_ks: str | list = "auto"
+    vote_views: str | list = "auto"
+    compare: list = field(default_factory=lambda: ["knn_vote", "trusted_only", "cleanlab"])
+    estimate_folds: int = 5
+    estimate_compare: bool = True
 
 
 @dataclass(frozen=True)
@@ -182,6 +193,11 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 return _coerce(value, a, where)
             except UserError as e:
                 errors.append(e)
+        if len(errors) > 1:  # e.g. str | list: name every form the key takes
+            kinds = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+                     dict: "a mapping"}
+            forms = [kinds.get(typing.get_origin(a) or a, _type_name(a)) for a in args if a is not type(None)]
+            raise UserError(f"{where}: expected {' or '.join(forms)}, got {value!r}")
         raise errors[0]
     if dataclasses.is_dataclass(tp):
         return from_mapping(tp, value, where)

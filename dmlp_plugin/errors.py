@@ -13,3 +13,13 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class MissingDependency(UserError):
+    """An optional package a chosen component needs is not installed. ``install`` is the command that
+    installs it (e.g. ``pip install 'dmlp_plugin[cleanlab]'``); the message names the package and it."""
+
+    def __init__(self, what: str, package: str, install: str):
+        self.package = package
+        self.install = install
+        super().__init__(f"{what} needs the {package} package, which is not installed: {install}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import numpy as np
 
 from dmlp_plugin import __version__
 from dmlp_plugin.config import PurifyConfig, from_mapping, to_dict
-from dmlp_plugin.errors import UserError
+from dmlp_plugin.errors import MissingDependency, UserError
 from dmlp_plugin.hardware import resolve_device
 from dmlp_plugin.records import DataSplits, PurifyInputs, PurifyResult
 from dmlp_plugin.registry import load_registry
@@ -67,15 +68,45 @@ def validate(cfg: PurifyConfig) -> dict:
                         f"hflip or same")
     if cfg.features.second_view == "hflip" and cfg.features.source != "ssl":
         raise UserError("features.second_view=hflip needs features.source=ssl; use random_relu or same")
-    if cfg.checks.k < 1 or any((not isinstance(k, int)) or k < 1 for k in cfg.checks.vote_ks):
-        raise UserError(f"checks.k and checks.vote_ks must be positive integers, got {cfg.checks.k} and {cfg.checks.vote_ks}")
+    if cfg.checks.estimate_folds != 0 and cfg.checks.estimate_folds < 2:
+        raise UserError(f"checks.estimate_folds={cfg.checks.estimate_folds} must be 0 (off) or at least 2 folds, "
+                        f"e.g. 5")
+    if cfg.checks.k < 1:
+        raise UserError(f"checks.k={cfg.checks.k} must be a positive integer (neighbours for the agreement score), "
+                        f"e.g. 10")
+    from dmlp_plugin.checks.knn import check_ks  # noqa: PLC0415 - torch import on use
+
+    check_ks(cfg.checks.vote_ks)
+    _vote_views(cfg.checks.vote_views)
     built = {"preprocessor": build_component("preprocessors", cfg.preprocessor.name, cfg.preprocessor.params)}
+    views = getattr(built["preprocessor"], "views", None)  # a run has two feature views (make_views)
+    if isinstance(views, str) and views.isdigit() and not 1 <= int(views) <= 2:
+        raise UserError(f"preprocessor.params.views={views} names a feature view this run does not have; use 1, 2 "
+                        f"or all (the two views concatenated)")
     for name in cfg.checks.compare:
         reg.entry("preprocessors", name)
     if cfg.features.source == "ssl":
         built["ssl"] = ssl_config(cfg)
     resolve_device(cfg.device)
     return built
+
+
+def _vote_views(views) -> list[str] | None:
+    """``checks.vote_views``: None for ``auto`` (each distinct view and all concatenated), else the list of
+    view sets as strings ('1', '2', 'all'). Bad values: UserError."""
+    if views == "auto":
+        return None
+    items = views if isinstance(views, list) else [views]
+    out = []
+    for v in items:
+        text = str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        if text not in ("1", "2", "all"):
+            raise UserError(f"checks.vote_views={views!r}: {v!r} is not a view set; use auto or a list of 1, 2 and "
+                            f"all (the views concatenated)")
+        out.append(text)
+    if not out:
+        raise UserError("checks.vote_views=[] searches nothing; use auto or a list of 1, 2 and all")
+    return list(dict.fromkeys(out))
 
 
 def ssl_config(cfg: PurifyConfig):
@@ -104,9 +135,15 @@ def make_noisy(cfg: PurifyConfig, data: DataSplits):
     if truth is None:
         raise UserError(f"dataset {cfg.dataset.name!r} has no labels for its training split; give labels")
     fn = load_registry().get("noise", cfg.noise.kind)
+    extra = {}
+    if "images" in inspect.signature(fn).parameters:  # instance-dependent models see the images too
+        if data.train.images is None:
+            raise UserError(f"noise.kind={cfg.noise.kind} needs the training images, which dataset "
+                            f"{cfg.dataset.name!r} does not have; use a class-level noise model (symmetric, pairflip)")
+        extra["images"] = data.train.images
     noisy = fn(truth, data.train.num_classes, kind=cfg.noise.kind, rate=cfg.noise.rate, seed=cfg.seed,
                include_true_class=cfg.noise.include_true_class, pairs=cfg.noise.pairs, file=cfg.noise.file,
-               key=cfg.noise.key)
+               key=cfg.noise.key, **extra)
     return noisy, (None if cfg.noise.kind == "none" else truth)
 
 
@@ -249,6 +286,10 @@ def _load_feature_file(path: str, n: int, what: str) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
         raise UserError(f"{what} {path!r} has NaN or Inf values (first in row {bad}); clean the features")
+    zero = ~np.any(x != 0, axis=1)
+    if zero.any():
+        raise UserError(f"{what} {path!r} has {int(zero.sum())} all-zero rows (first: row {int(np.flatnonzero(zero)[0])}), "
+                        f"which have no direction to compare; give every sample a non-zero feature row")
     return _l2(x)
 
 
@@ -261,6 +302,13 @@ def raw_pixel_features(images: np.ndarray) -> np.ndarray:
 def make_views(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, progress: bool) -> Views:
     f = cfg.features
     n = len(data.train)
+    if data.train.images is None:  # labels only: the features must come from files
+        if f.source != "npy":
+            raise UserError(f"features.source={f.source} needs images, and dataset {cfg.dataset.name!r} has none "
+                            f"(labels only); set features.source=npy with features.path, or give the images")
+        if not f.path2 and f.second_view in ("raw", "hflip"):
+            raise UserError(f"features.second_view={f.second_view} needs images, and dataset {cfg.dataset.name!r} has "
+                            f"none (labels only); use second_view: random_relu (or same), or give features.path2")
     if f.source == "npy":
         v1 = _load_feature_file(f.path, n, "features.path")
         prov = {"source": "npy", "path": str(f.path)}
@@ -270,7 +318,7 @@ def make_views(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, pr
     else:
         from dmlp_plugin.features.cache import get_features  # noqa: PLC0415
 
-        bank = get_features(data.train, built["ssl"], f.cache_dir, device=device, progress=progress)
+        bank = get_features(data.train, built["ssl"], f.cache_dir, device=device, progress=progress, test=data.test)
         v1 = bank.views["plain"]
         prov = {"source": "ssl", "cache": bank.path, **bank.provenance}
     if f.path2:
@@ -320,7 +368,7 @@ def versions() -> dict:
 
     out = {"dmlp_plugin": __version__, "python": platform.python_version(), "numpy": np.__version__,
            "torch": torch.__version__}
-    for mod in ("timm", "faiss", "sklearn"):
+    for mod in ("timm", "faiss", "sklearn", "cleanlab"):
         try:
             out[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - optional
@@ -365,7 +413,15 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
     if meta_idx.size == 0 and cfg.preprocessor.name in ("dmlp", "trusted_only"):
         raise UserError(f"preprocessor {cfg.preprocessor.name!r} needs a trusted subset; set trusted.source to "
                         f"clean_sample, index_file or knn_auto")
+    per_class = np.bincount(meta_labels, minlength=c) if meta_idx.size else None
+    if per_class is not None and per_class.min() < 2 and dist.is_main:
+        few = [int(k) for k in np.flatnonzero(per_class < 2)]
+        print(f"warning: the trusted subset has fewer than 2 samples of class(es) {few[:10]} ({int(per_class.min())} "
+              f"at least; {meta_idx.size} trusted in all): the purifier anchors each class on its trusted samples, "
+              f"so those classes are purified poorly; give more trusted samples of them", file=sys.stderr)
+    t = time.perf_counter()
     separability = trusted_separability(views.arrays[0], meta_idx, meta_labels)
+    timings["checks"] = time.perf_counter() - t
     if separability is not None and separability["at_chance"] and dist.is_main:
         print(f"warning: the features do not tell the {separability['trusted']} trusted samples' classes apart "
               f"(1-NN accuracy among them {separability['accuracy']:.2f}, chance {separability['chance']:.2f}); "
@@ -376,7 +432,9 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
     result = run_preprocessor(built["preprocessor"], views, noisy, meta_idx, meta_labels, c, truth, device,
                               progress, cfg.seed, checkpoint)
     timings["purify"] = time.perf_counter() - t
+    t = time.perf_counter()
     agreement = neighbour_agreement(views.arrays[0], result.hard, cfg.checks.k)
+    timings["checks"] += time.perf_counter() - t
 
     is_meta = np.zeros(len(noisy), bool)
     is_meta[meta_idx] = True
@@ -400,8 +458,13 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
         metrics["label_accuracy_before"] = M.label_accuracy(noisy[rest], truth[rest])
         metrics["label_accuracy_after"] = M.label_accuracy(result.hard[rest], truth[rest])
         metrics.update(M.fixed_broken(noisy[rest], result.hard[rest], truth[rest]))
-        metrics.update(_compare(cfg, views, noisy, meta_idx, meta_labels, c, truth, device, rest))
-    metrics["seconds"]["total"] = sum(v for k, v in timings.items() if k != "total")
+        metrics.update(_compare(cfg, views, noisy, meta_idx, meta_labels, c, truth, device, rest, timings))
+    estimates = _estimates(cfg, built["preprocessor"], views, noisy, meta_idx, meta_labels, c, device,
+                           result.hard[rest], metrics, timings)
+    if estimates:
+        metrics["estimated_accuracy"] = estimates
+    timings["total"] = sum(v for k, v in timings.items() if k != "total")
+    metrics["seconds"] = timings
 
     art = LabelsArtifact(hard=result.hard, soft=result.soft, confidence=result.confidence,
                          neighbour_agreement=agreement, noisy=noisy.astype(np.int64), meta_indices=meta_idx,
@@ -411,32 +474,91 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
     return Purified(result=result, artifact=art, metrics=metrics)
 
 
-def _compare(cfg: PurifyConfig, views: Views, noisy, meta_idx, meta_labels, c, truth, device, rest) -> dict:
-    """Label accuracy of the comparison preprocessors (``checks.compare``) on the untrusted samples."""
+def _compare(cfg: PurifyConfig, views: Views, noisy, meta_idx, meta_labels, c, truth, device, rest,
+             timings: dict) -> dict:
+    """The comparison preprocessors (``checks.compare``), scored on the untrusted samples: {name: entry}, each
+    entry with ``label_accuracy_after``, its setting and ``seconds``; each one's seconds also go into
+    ``timings`` as ``compare_<name>`` (so into ``seconds.total``). A comparison whose optional package is not
+    installed gets ``label_accuracy_after: None`` and ``status: "not installed: <pip command>"``."""
     from dmlp_plugin import metrics as M  # noqa: PLC0415
 
+    inp = PurifyInputs(views=views.arrays, noisy=noisy, meta_idx=meta_idx, meta_labels=meta_labels, num_classes=c,
+                       truth=truth, device=device, progress=False, seed=cfg.seed)
     out = {}
     for name in cfg.checks.compare:
-        if name == cfg.preprocessor.name:
+        if name == cfg.preprocessor.name or (meta_idx.size == 0 and name == "trusted_only"):
             continue
         t = time.perf_counter()
-        if name == "knn_vote":
-            by_k = {}
-            for k in cfg.checks.vote_ks:
-                r = run_preprocessor(build_component("preprocessors", "knn_vote", {"k": int(k)}), views, noisy,
-                                     meta_idx, meta_labels, c, truth, device, False, cfg.seed)
-                by_k[str(k)] = M.label_accuracy(r.hard[rest], truth[rest])
-            best = max(by_k, key=lambda k: by_k[k])
-            out[name] = {"label_accuracy_after": by_k[best], "best_k": int(best), "by_k": by_k,
-                         "note": "best k chosen with the true labels (flatters this baseline)"}
+        try:
+            pre = build_component("preprocessors", name, {})
+        except MissingDependency as e:
+            entry = {"label_accuracy_after": None, "status": f"not installed: {e.install}"}
         else:
-            if meta_idx.size == 0 and name == "trusted_only":
-                continue
-            r = run_preprocessor(build_component("preprocessors", name, {}), views, noisy, meta_idx,
-                                 meta_labels, c, truth, device, False, cfg.seed)
-            out[name] = {"label_accuracy_after": M.label_accuracy(r.hard[rest], truth[rest])}
-        out[name]["seconds"] = time.perf_counter() - t
+            if name == "knn_vote":
+                entry = _knn_sweep(cfg, pre, inp, truth, rest)
+            else:
+                r = pre.purify(inp)
+                entry = {"label_accuracy_after": M.label_accuracy(r.hard[rest], truth[rest]),
+                         **{k: v for k, v in r.info.items() if isinstance(v, (str, int, float, bool, list, dict))}}
+        entry["seconds"] = time.perf_counter() - t
+        timings[f"compare_{name}"] = entry["seconds"]
+        out[name] = entry
     return out
+
+
+def _estimates(cfg: PurifyConfig, pre, views: Views, noisy, meta_idx, meta_labels, c, device, purified_rest,
+               metrics: dict, timings: dict) -> dict:
+    """Label accuracy of the preprocessor and of each comparison estimated WITHOUT true labels: K-fold
+    cross-validation over the trusted subset (:func:`dmlp_plugin.estimate.cv_accuracy`), class-weighted by the
+    class shares of the preprocessor's purified labels on the untrusted rows. {name: estimate}; the time goes
+    into ``timings["estimate"]``. knn_vote is estimated at the k and views its comparison picked (default
+    k 20 on view 1 when no true labels picked them). {} when off or when the trusted subset is too small."""
+    from dmlp_plugin.estimate import cv_accuracy  # noqa: PLC0415
+
+    folds = cfg.checks.estimate_folds
+    if not folds or meta_idx.size < max(folds, 2 * c):
+        return {}
+    t0 = time.perf_counter()
+    prior = np.bincount(purified_rest, minlength=c) / max(purified_rest.size, 1)
+
+    def corrector(p):
+        return lambda idx, lab: run_preprocessor(p, views, noisy, idx, lab, c, None, device, False, cfg.seed).hard
+
+    out = {cfg.preprocessor.name: cv_accuracy(corrector(pre), meta_idx, meta_labels, c, folds, cfg.seed, prior)}
+    names = [n for n in cfg.checks.compare if n != cfg.preprocessor.name] if cfg.checks.estimate_compare else []
+    for name in names:
+        entry = metrics.get(name) if isinstance(metrics.get(name), dict) else {}
+        if entry.get("status", "").startswith("not installed"):
+            continue
+        params = {"k": int(entry["k"]), "views": str(entry["views"])} if name == "knn_vote" and "k" in entry else {}
+        try:
+            p = build_component("preprocessors", name, params)
+        except MissingDependency:
+            continue
+        out[name] = cv_accuracy(corrector(p), meta_idx, meta_labels, c, folds, cfg.seed, prior)
+        if params:
+            out[name]["setting"] = params
+    timings["estimate"] = time.perf_counter() - t0
+    return out
+
+
+def _knn_sweep(cfg: PurifyConfig, pre, inp: PurifyInputs, truth, rest) -> dict:
+    """knn_vote over the k grid (``checks.vote_ks``) on every view set (``checks.vote_views``): one search per
+    view set at the largest k (:meth:`KnnVote.sweep`); the best (views, k) by label accuracy is reported."""
+    from dmlp_plugin import metrics as M  # noqa: PLC0415
+    from dmlp_plugin.checks import knn  # noqa: PLC0415
+
+    ks = knn.k_grid(len(inp.noisy), cfg.checks.vote_ks)
+    sets = _vote_views(cfg.checks.vote_views) or knn.distinct_view_sets(inp.views)
+    table, seconds = {}, {}
+    for which, hard, s in pre.sweep(inp, ks, sets):
+        table[which] = {str(k): M.label_accuracy(h[rest], truth[rest]) for k, h in hard.items()}
+        seconds[which] = s
+    best_views, best_k = max(((w, k) for w in table for k in table[w]), key=lambda wk: table[wk[0]][wk[1]])
+    return {"label_accuracy_after": table[best_views][best_k], "k": int(best_k), "views": best_views,
+            "ks": ks, "view_sets": sets, "by_views_k": table, "search_seconds": seconds,
+            "temperature": pre.temperature, "backend": knn.backend_name(),
+            "note": "the best k and views are chosen with the true labels (flatters this baseline)"}
 
 
 def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, progress: bool = True) -> dict:

@@ -12,7 +12,8 @@ import numpy as np
 class ImageSet:
     """Images of one split held in memory.
 
-    images: uint8, shape (N, H, W, C) with C in {1, 3}.
+    images: uint8, shape (N, H, W, C) with C in {1, 3}; None for a data set of labels only (features
+        brought by the user: ``dataset.name: npy`` without ``images``).
     labels: int64, shape (N,), the labels the source provides (the true labels of a benchmark data set),
         or None when unknown.
     """
@@ -24,13 +25,17 @@ class ImageSet:
     class_names: tuple[str, ...] = field(default=())
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.images.shape[0] if self.images is not None else self.labels.shape[0])
 
     def fingerprint(self) -> str:
-        """sha256 over shape, pixels and labels: identifies the samples and their order."""
+        """sha256 over shape, pixels and labels: identifies the samples and their order (labels only when
+        there are no images)."""
         h = hashlib.sha256()
-        h.update(str(self.images.shape).encode())
-        h.update(np.ascontiguousarray(self.images).tobytes())
+        if self.images is not None:
+            h.update(str(self.images.shape).encode())
+            h.update(np.ascontiguousarray(self.images).tobytes())
+        else:
+            h.update(b"labels only")
         if self.labels is not None:
             h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]

@@ -31,6 +31,40 @@ def _fmt(x) -> str:
     return "n/a" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
 
 
+# the comparison preprocessors a purify run reports (checks.compare), in report order, with their line styles
+COMPARISONS = ("knn_vote", "trusted_only", "cleanlab", "identity", "dmlp")
+# (colours unlike the per-view curves', which take matplotlib's first colours: blue, orange, green)
+_REF_STYLE = {"noisy labels": ("tab:gray", (0, (1, 1))), "knn_vote": ("tab:red", "--"),
+              "trusted_only": ("tab:brown", ":"), "cleanlab": ("tab:purple", "-."),
+              "identity": ("tab:pink", (0, (5, 1, 1, 1, 1, 1))), "dmlp": ("tab:olive", (0, (3, 2)))}
+
+
+def comparisons(metrics: dict) -> list[tuple[str, dict]]:
+    """The comparison entries of a metrics dict, [(name, entry)]: the known names in report order, then any
+    other comparison (a third-party preprocessor) in the order it ran (its ``seconds.compare_<name>``)."""
+    ran = [k[len("compare_"):] for k in metrics.get("seconds", {}) if k.startswith("compare_")]
+    names = [k for k in COMPARISONS if k in metrics] + [k for k in ran if k not in COMPARISONS]
+    return [(k, metrics[k]) for k in names if isinstance(metrics.get(k), dict)]
+
+
+def comparison_setting(name: str, entry: dict) -> str:
+    """What a comparison ran with, in words: k and views of knn_vote, folds of cleanlab, ... (or why it did not run)."""
+    if entry.get("status"):
+        return str(entry["status"])
+    if name == "knn_vote" and "k" in entry:
+        tried = (f"; best of k {min(entry['ks'])}..{max(entry['ks'])} x views {'/'.join(entry['view_sets'])}"
+                 if entry.get("ks") and entry.get("view_sets") else "")
+        return f"k {entry['k']}, views {entry['views']}{tried}"
+    if name == "cleanlab" and "folds" in entry:
+        l2 = f" (l2 {entry['l2']:g})" if isinstance(entry.get("l2"), (int, float)) else ""
+        return (f"{entry['folds']}-fold logistic regression{l2}, views {entry.get('views')}, "
+                f"{entry.get('flagged')} labels flagged and relabelled")
+    if name == "trusted_only" and "trusted" in entry:
+        return f"logistic regression on the {entry['trusted']} trusted rows, view {entry.get('views')}"
+    skip = {"label_accuracy_after", "seconds", "note", "status"}
+    return ", ".join(f"{k} {v}" for k, v in entry.items() if k not in skip and isinstance(v, (str, int, float)))
+
+
 def plot_label_accuracy(history: list[dict], metrics: dict, path: Path) -> bool:
     if not history or "label_accuracy" not in history[0]:
         return False
@@ -40,13 +74,14 @@ def plot_label_accuracy(history: list[dict], metrics: dict, path: Path) -> bool:
     ax.plot(ep, [h["label_accuracy"] for h in history], label="purified (views averaged)", lw=2)
     for key in sorted(k for k in history[0] if k.startswith("label_accuracy_view")):
         ax.plot(ep, [h[key] for h in history], lw=1, alpha=0.7, label=key.replace("label_accuracy_", ""))
-    ref = [("noisy labels", metrics.get("label_accuracy_before"), "gray")]
-    for name, color in (("knn_vote", "tab:red"), ("trusted_only", "tab:green")):
-        if name in metrics:
-            ref.append((f"{name}", metrics[name]["label_accuracy_after"], color))
-    for name, y, color in ref:
+    # reference lines, each with its own colour AND dash pattern (two baselines at one accuracy stay visible)
+    ref = [("noisy labels", "noisy labels", metrics.get("label_accuracy_before"))]
+    ref += [(name, f"{name} ({comparison_setting(name, e).split(';')[0]})" if name == "knn_vote" else name,
+             e.get("label_accuracy_after")) for name, e in comparisons(metrics)]
+    for i, (name, label, y) in enumerate(ref):
         if y is not None:
-            ax.axhline(y, ls="--", color=color, lw=1, label=f"{name} ({y:.3f})")
+            color, ls = _REF_STYLE.get(name, (f"C{i + 3}", (0, (2, 1, 2, 3))))
+            ax.axhline(y, ls=ls, color=color, lw=1.4, label=f"{label}: {y:.3f}")
     for h in history:
         if h.get("exchanged"):
             ax.axvline(h["epoch"], color="k", alpha=0.08)
@@ -88,6 +123,48 @@ def plot_confidence(confidence, correct, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _params(result) -> str:
+    info = getattr(result, "info", None) or {}
+    return ", ".join(f"{k} {v}" for k, v in info.items() if isinstance(v, (str, int)) and not isinstance(v, bool))
+
+
+def _knn_table(entry: dict | None) -> list[str]:
+    """knn_vote's label accuracy at every (views, k) it tried, the reported best in bold."""
+    if not entry or not entry.get("by_views_k"):
+        return []
+    table = entry["by_views_k"]
+    ks = list(next(iter(table.values())))
+    lines = ["knn_vote label accuracy by views and k (one neighbour search per view set at the largest k; "
+             f"{entry.get('note', '')}):", "",
+             "| views | " + " | ".join(f"k {k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+    for which, row in table.items():
+        cells = [(f"**{row[k]:.4f}**" if (which == entry["views"] and int(k) == entry["k"]) else f"{row[k]:.4f}")
+                 for k in ks]
+        lines.append(f"| {which} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def estimate_lines(metrics: dict) -> list[str]:
+    """The report section of the accuracy estimated without true labels (``metrics["estimated_accuracy"]``),
+    with the true accuracy beside it when known."""
+    est = metrics.get("estimated_accuracy")
+    if not est:
+        return []
+    first = next(iter(est.values()))
+    lines = ["## Label accuracy estimated without true labels", "",
+             f"{first['method']}: each fold's trusted samples are purified as untrusted ones by a run that trusts "
+             f"the other folds, and scored against their trusted labels; weights: {first['weights']}; "
+             f"{round(100 * first['level'])}% interval (Jeffreys, per class). Leans pessimistic (each run sees "
+             f"{first['folds'] - 1}/{first['folds']} of the trusted labels); optimistic if the trusted samples were "
+             f"picked for being easy (trusted.source knn_auto).", "",
+             "| labels | estimated | interval | true (when known) |", "|---|---:|---|---:|"]
+    for name, e in est.items():
+        true = metrics.get("label_accuracy_after") if name == metrics.get("preprocessor") else \
+            (metrics.get(name) or {}).get("label_accuracy_after") if isinstance(metrics.get(name), dict) else None
+        lines.append(f"| {name} | {e['estimate']:.4f} | {e['low']:.4f} .. {e['high']:.4f} | {_fmt(true)} |")
+    return lines + [""]
+
+
 def write_purify_report(folder: Path, metrics: dict, result, art, class_names=()) -> None:
     folder = Path(folder)
     lines = [f"# Label purification: {metrics['dataset']}", ""]
@@ -105,15 +182,19 @@ def write_purify_report(folder: Path, metrics: dict, result, art, class_names=()
         "",
     ]
     if "label_accuracy_after" in metrics:
-        lines += ["## Label accuracy", "", f"Measured on {metrics['evaluated_on']}.", "",
-                  "| labels | accuracy |", "|---|---|",
-                  f"| noisy (before) | {metrics['label_accuracy_before']:.4f} |",
-                  f"| **{metrics['preprocessor']}** (after) | **{metrics['label_accuracy_after']:.4f}** |"]
-        for name in ("knn_vote", "trusted_only", "identity", "dmlp"):
-            if name in metrics and isinstance(metrics[name], dict):
-                extra = f" (best k = {metrics[name]['best_k']})" if "best_k" in metrics[name] else ""
-                lines.append(f"| {name}{extra} | {metrics[name]['label_accuracy_after']:.4f} |")
+        lines += ["## Label accuracy", "",
+                  f"Measured on {metrics['evaluated_on']}. Comparisons (`checks.compare`) see the same features "
+                  f"and trusted labels; their seconds are in the timings below and in the total.", "",
+                  "| labels | accuracy | setting | seconds |", "|---|---:|---|---:|",
+                  f"| noisy (before) | {metrics['label_accuracy_before']:.4f} | given labels | |",
+                  f"| **{metrics['preprocessor']}** (after) | **{metrics['label_accuracy_after']:.4f}** | "
+                  f"{_params(result) or 'see config.yaml'} | {metrics['seconds'].get('purify', 0):.1f} |"]
+        for name, e in comparisons(metrics):
+            acc = e.get("label_accuracy_after")
+            lines.append(f"| {name} | {'n/a' if acc is None else f'{acc:.4f}'} | {comparison_setting(name, e)} | "
+                         f"{e.get('seconds', 0):.1f} |")
         lines += ["", f"Fixed {metrics['fixed']} wrong labels, broke {metrics['broken']} right ones.", ""]
+        lines += _knn_table(metrics.get("knn_vote"))
         if plot_label_accuracy(result.history, metrics, folder / "label_accuracy.png"):
             lines += ["![label accuracy over purifier epochs](label_accuracy.png)", ""]
         truth = art.true_labels
@@ -127,6 +208,7 @@ def write_purify_report(folder: Path, metrics: dict, result, art, class_names=()
         lines += ["True labels are unknown here, so no accuracy is reported.", "",
                   f"Mean confidence {_fmt(metrics['mean_confidence'])}, mean neighbour agreement "
                   f"{_fmt(metrics['mean_neighbour_agreement'])}.", ""]
+    lines += estimate_lines(metrics)
     lines += ["## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in metrics["seconds"].items()]
     lines += ["", "Files: `labels.npz` (hard, soft, confidence, neighbour_agreement, noisy, meta_indices, "

@@ -1,5 +1,5 @@
 # Sourced by scripts/demo and scripts/test: make (or reuse) the project's virtual environment in .venv
-# with the pinned dependencies, the faiss-cpu extra and the test tools, installed editable.
+# with the pinned dependencies, the faiss-cpu and cleanlab extras and the test tools, installed editable.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -9,7 +9,7 @@ fi
 stamp=.venv/.dmlp-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[faiss,test]"
+    .venv/bin/python -m pip install -q -e ".[faiss,cleanlab,test]"
     touch "$stamp"
 fi
 export HF_HUB_OFFLINE=1

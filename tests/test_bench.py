@@ -14,7 +14,8 @@ from dmlp_plugin.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 # raw pixels (no SSL training), a short purifier and a 2-epoch CE: the whole path in seconds
-FAST = ["--no-progress", "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 10}",
+FAST = ["--no-progress", "--set", "features.source=raw", "--set", "checks.estimate_folds=0",
+        "--set", "preprocessor.params={epochs: 10}",
         "--set", "seeds=[0]", "--set", "methods=[{name: ce, params: {epochs: 2}}]"]
 
 
@@ -44,6 +45,11 @@ def test_bench_writes_results_report_and_plots(ran):
     report = (ran / "report.md").read_text()
     assert re.search(r"\| symmetric-80 \| ce \| purified \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \|", report)
     assert "M = 40" in report and "LAST epoch" in report
+    # the purification table: every comparison (cleanlab too), knn_vote's k and views, and their seconds
+    assert "| knn_vote | knn k, views | trusted_only | cleanlab | purify s | comparisons s |" in report
+    m = json.loads((ran / "purification.json").read_text())["symmetric-80-s0"]
+    assert re.search(rf"\| symmetric-80-s0 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| {m['knn_vote']['k']}, "
+                     rf"{m['knn_vote']['views']} \| [\d.]+ \| {100 * m['cleanlab']['label_accuracy_after']:.2f} \|", report)
 
 
 def test_noisy_arm_spends_the_same_trusted_labels(ran):

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 CONFIG = str(ROOT / "configs" / "purify-digits.yaml")
-FAST = ["--no-progress", "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 5}"]
+FAST = ["--no-progress", "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 5}",
+        "--set", "checks.estimate_folds=0"]
 N = 1437  # digits training split
 
 
@@ -100,6 +101,14 @@ CASES = [
     ("CIFAR files truncated", ["--set", "dataset.name=cifar10", "--set", "dataset.params={root: cifar}"],
      r"CIFAR-10 file .*cifar-10-batches-py/[\w.]+' is truncated or corrupt.*download CIFAR-10 again"),
     ("output folder not writable", ["!blocker/out"], r"--out 'blocker/out': cannot write into 'blocker'"),
+    ("knn k grid not positive", ["--set", "checks.vote_ks=[5, 0]"],
+     r"checks\.vote_ks=\[5, 0\]: 0 is not a positive integer; use auto or a list of positive integers"),
+    ("knn k grid misspelt", ["--set", "checks.vote_ks=atuo"], r"checks\.vote_ks='atuo': 'atuo' is not a positive integer; use auto"),
+    ("knn k grid a number", ["--set", "checks.vote_ks=5"], r"checks\.vote_ks: expected a string or a list, got 5"),
+    ("knn view set unknown", ["--set", "checks.vote_views=[1, both]"],
+     r"checks\.vote_views=\[1, 'both'\]: 'both' is not a view set; use auto or a list of 1, 2 and all"),
+    ("knn_vote views unknown", ["--set", "preprocessor.name=knn_vote", "--set", "preprocessor.params={views: 3x}"],
+     r"preprocessor\.params\.views='3x' is not known; use 1 or 2 \(one feature view\) or all"),
 ]
 
 

@@ -1,6 +1,7 @@
 """`dmlp purify` as a user runs it: files written, metrics present, bad input gives one clean line."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from dmlp_plugin.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "purify-digits.yaml")
-FAST = ["--set", "features.source=raw", "--no-progress"]  # raw pixels: the CLI path without SSL training
+FAST = ["--set", "features.source=raw", "--no-progress", "--set", "checks.estimate_folds=0"]  # raw pixels: no SSL
 
 
 def _run(*args):
@@ -23,7 +24,9 @@ def _run(*args):
 @pytest.fixture(scope="module")
 def purified(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    r = _run("purify", CONFIG, "--out", str(out), *FAST, "--set", "noise.kind=symmetric", "--set", "noise.rate=0.8",
+    # the one CLI run that also estimates the accuracy without true labels (3 folds)
+    r = _run("purify", CONFIG, "--out", str(out), *FAST, "--set", "checks.estimate_folds=3",
+             "--set", "noise.kind=symmetric", "--set", "noise.rate=0.8",
              "--set", "seed=0")
     assert r.returncode == 0, r.stderr
     return out, r
@@ -47,6 +50,62 @@ def test_purify_writes_the_artifact_metrics_and_report(purified):
     assert "| noisy (before) |" in report and "knn_vote" in report
     assert "label accuracy: noisy" in r.stdout
     assert m["trusted_separability"]["at_chance"] is False and "warning" not in r.stderr
+    # the accuracy estimated without true labels: dmlp and every comparison, an interval, its time counted
+    est = m["estimated_accuracy"]
+    assert set(est) == {"dmlp", "knn_vote", "trusted_only", "cleanlab"} and est["dmlp"]["folds"] == 3
+    assert all(0 <= e["low"] <= e["estimate"] <= e["high"] <= 1 for e in est.values())
+    assert est["knn_vote"]["setting"] == {"k": m["knn_vote"]["k"], "views": m["knn_vote"]["views"]}
+    assert est["dmlp"]["estimate"] > est["cleanlab"]["estimate"] - 0.2 and m["seconds"]["estimate"] > 0
+    assert "estimated without true labels (3-fold over the 40 trusted" in r.stdout
+    assert "## Label accuracy estimated without true labels" in report
+
+
+def test_comparisons_report_their_setting_and_seconds(purified):
+    out, r = purified
+    m = json.loads((out / "metrics.json").read_text())
+    knn = m["knn_vote"]
+    # raw pixels twice (features.source=raw, second_view raw): one distinct view, searched once
+    assert knn["view_sets"] == ["1"] and knn["views"] == "1" and knn["ks"] == [5, 10, 20, 50, 100, 200]
+    assert knn["label_accuracy_after"] == max(knn["by_views_k"]["1"].values()) == knn["by_views_k"]["1"][str(knn["k"])]
+    assert "true labels" in knn["note"]
+    cl = m["cleanlab"]
+    assert cl["folds"] == 5 and cl["label_accuracy_after"] > m["label_accuracy_before"] + 0.2
+    sec = m["seconds"]
+    names = ("knn_vote", "trusted_only", "cleanlab")
+    assert all(sec[f"compare_{n}"] == m[n]["seconds"] > 0 for n in names)
+    assert sec["total"] >= sum(sec[f"compare_{n}"] for n in names) + sec["purify"]
+    shown = rf"knn_vote {knn['label_accuracy_after']:.4f} \(k {knn['k']}, views 1, [\d.]+ s\)"
+    assert re.search(shown, r.stdout), r.stdout
+    assert re.search(r"cleanlab 0\.\d{4} \([\d.]+ s\).*; total [\d.]+ s", r.stdout), r.stdout
+    report = (out / "report.md").read_text()
+    assert "| labels | accuracy | setting | seconds |" in report
+    row = rf"\| knn_vote \| {knn['label_accuracy_after']:.4f} \| k {knn['k']}, views 1; best of k 5\.\.200"
+    assert re.search(row, report)
+    assert re.search(r"\| cleanlab \| 0\.\d{4} \| 5-fold logistic regression", report)
+    assert "| compare_cleanlab |" in report and "| views | k 5 | k 10 |" in report
+
+
+def test_cleanlab_not_installed_as_a_comparison_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # `import cleanlab` raises ImportError
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)
+    fast = [*FAST, "--set", "preprocessor.name=identity", "--set", "preprocessor.params={}",
+            "--set", "checks.compare=[knn_vote, cleanlab]"]
+    assert main(["purify", CONFIG, "--out", str(tmp_path / "o"), *fast]) == 0
+    shown = capsys.readouterr().out
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["cleanlab"]["label_accuracy_after"] is None
+    assert m["cleanlab"]["status"] == "not installed: pip install 'dmlp_plugin[cleanlab]'"
+    assert "cleanlab not installed: pip install 'dmlp_plugin[cleanlab]'" in shown
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "| cleanlab | n/a | not installed: pip install 'dmlp_plugin[cleanlab]' |" in report
+    # chosen as the preprocessor: refused before any work, one line naming the command
+    code = main(["purify", CONFIG, "--out", str(tmp_path / "p"), *FAST, "--set", "preprocessor.name=cleanlab",
+                 "--set", "preprocessor.params={}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: preprocessor 'cleanlab' needs the cleanlab package") and \
+        "pip install 'dmlp_plugin[cleanlab]'" in err
+    assert not (tmp_path / "p").exists()
 
 
 def test_features_in_another_order_are_flagged(tmp_path, capsys):

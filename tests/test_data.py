@@ -467,3 +467,129 @@ def test_npy_file_errors(tmp_path):
     tx = _save(tmp_path, "tx.npy", np.zeros((2, 6, 6), np.uint8))
     with pytest.raises(UserError, match="same"):
         load_npy(x, y, tx, _save(tmp_path, "ty.npy", [0, 1]))
+
+
+# ---- IDX files (MNIST format) and Fashion-MNIST -------------------------------------------------------------
+
+def write_idx(path, arr: np.ndarray, code: int = 0x08, gz: bool = False, magic: bytes | None = None) -> None:
+    """An IDX file as LeCun's page defines it: 0x0000, type code, ndim, big-endian uint32 dims, big-endian data."""
+    import gzip
+    import struct
+
+    dtype = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[code]
+    head = magic if magic is not None else bytes([0, 0, code, arr.ndim])
+    blob = head + struct.pack(f">{arr.ndim}I", *arr.shape) + np.ascontiguousarray(arr, dtype=dtype).tobytes()
+    path.write_bytes(gzip.compress(blob) if gz else blob)
+
+
+def _idx_pair(folder, n=30, classes=10, side=28, gz=True, prefix="train", seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, side, side), dtype=np.uint8)
+    y = (np.arange(n) % classes).astype(np.uint8)
+    sfx = ".gz" if gz else ""
+    img = "train-images-idx3-ubyte" if prefix == "train" else "t10k-images-idx3-ubyte"
+    lab = "train-labels-idx1-ubyte" if prefix == "train" else "t10k-labels-idx1-ubyte"
+    write_idx(folder / (img + sfx), x, gz=gz)
+    write_idx(folder / (lab + sfx), y, gz=gz)
+    return x, y
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_reads_images_and_labels_gzipped_or_not(tmp_path, gz):
+    x, y = _idx_pair(tmp_path, n=30, gz=gz)
+    tx, ty = _idx_pair(tmp_path, n=12, gz=not gz, prefix="test", seed=1)  # a mix of plain and gzipped files
+    d = datasets.load_idx(tmp_path)
+    _check_split(d.train, 30, (28, 28, 1), 10)
+    _check_split(d.test, 12, (28, 28, 1), 10)
+    np.testing.assert_array_equal(d.train.images[..., 0], x)
+    np.testing.assert_array_equal(d.train.labels, y)
+    np.testing.assert_array_equal(d.test.images[..., 0], tx)
+    assert datasets.load_idx(tmp_path, test_images=None, test_labels=None).test is None
+
+
+def test_idx_reader_types_dims_and_byte_order(tmp_path):
+    a = np.arange(24, dtype=np.int32).reshape(2, 3, 4) - 5
+    write_idx(tmp_path / "a", a, code=0x0C)
+    out = datasets.read_idx(tmp_path / "a")
+    assert out.shape == (2, 3, 4) and out.dtype == np.int32 and out.dtype.byteorder in "=|<"
+    np.testing.assert_array_equal(out, a)
+    f = np.linspace(-1, 1, 6).reshape(6)
+    write_idx(tmp_path / "f", f, code=0x0E)
+    np.testing.assert_array_equal(datasets.read_idx(tmp_path / "f"), f)
+
+
+def test_idx_bad_files_are_clear_errors(tmp_path):
+    x = np.zeros((4, 5, 5), np.uint8)
+    write_idx(tmp_path / "magic", x, magic=b"\x12\x34\x08\x03")
+    with pytest.raises(UserError, match=r"magic number 0x12340803.*MNIST-format"):
+        datasets.read_idx(tmp_path / "magic")
+    write_idx(tmp_path / "code", x, magic=b"\x00\x00\x07\x03")
+    with pytest.raises(UserError, match="type code 0x07"):
+        datasets.read_idx(tmp_path / "code")
+    write_idx(tmp_path / "full", x)
+    blob = (tmp_path / "full").read_bytes()
+    (tmp_path / "body").write_bytes(blob[:-7])
+    with pytest.raises(UserError, match=r"truncated: dimensions \(4, 5, 5\) need 100 bytes.*holds 93"):
+        datasets.read_idx(tmp_path / "body")
+    (tmp_path / "head").write_bytes(blob[:9])
+    with pytest.raises(UserError, match="truncated.*declares 3 dimensions"):
+        datasets.read_idx(tmp_path / "head")
+    (tmp_path / "tail").write_bytes(blob + b"\x00")
+    with pytest.raises(UserError, match="bytes after"):
+        datasets.read_idx(tmp_path / "tail")
+    import gzip
+    (tmp_path / "gz").write_bytes(gzip.compress(blob)[:-12])
+    with pytest.raises(UserError, match="gzip stream is corrupt or truncated"):
+        datasets.read_idx(tmp_path / "gz")
+    with pytest.raises(UserError, match="not found"):
+        datasets.read_idx(tmp_path / "nowhere")
+
+
+def test_idx_pairs_that_do_not_match_are_refused(tmp_path):
+    _idx_pair(tmp_path, n=30)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(29, np.uint8), gz=True)
+    with pytest.raises(UserError, match="hold 29 labels but .* holds 30 images"):
+        datasets.load_idx(tmp_path, test_images=None, test_labels=None)
+    with pytest.raises(UserError, match=r"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte not found"):
+        datasets.load_idx(tmp_path)
+    with pytest.raises(UserError, match="both test_images and test_labels"):
+        datasets.load_idx(tmp_path, test_labels=None)
+
+
+def test_fashion_mnist_reads_the_official_file_names_and_says_how_to_get_them(tmp_path):
+    with pytest.raises(UserError, match=r"apt-get install dataset-fashion-mnist.*download: true"):
+        datasets.load_fashion_mnist(tmp_path / "empty")
+    _idx_pair(tmp_path, n=20)
+    _idx_pair(tmp_path, n=10, prefix="test")
+    with pytest.raises(UserError, match="hold 20 images .* not Fashion-MNIST's 60000 .*dataset.name: idx"):
+        datasets.load_fashion_mnist(tmp_path)
+    assert datasets.load_idx(tmp_path).train.num_classes == 10  # the same files as a generic IDX data set
+
+
+def test_fashion_mnist_download_checks_md5_and_fetches_each_official_file(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(url, dest, md5):
+        calls.append((url, dest.name, md5))
+        dest.write_bytes(b"x")
+
+    monkeypatch.setattr(datasets, "_download", fake_download)
+    datasets.download_fashion_mnist(tmp_path, url="file:///mirror")
+    assert [c[1] for c in calls] == list(datasets.FASHION_MNIST_FILES)
+    assert all(c[0] == f"file:///mirror/{c[1]}" and c[2] == datasets.FASHION_MNIST_FILES[c[1]] for c in calls)
+
+
+def test_fashion_mnist_is_registered():
+    reg = load_registry()
+    assert reg.get("datasets", "fashion_mnist") is datasets.load_fashion_mnist
+    assert reg.get("datasets", "idx") is datasets.load_idx
+
+
+@pytest.mark.skipif(not (datasets.Path(datasets.FASHION_MNIST_ROOT) / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_from_the_debian_package():
+    d = datasets.load_fashion_mnist()
+    _check_split(d.train, 60000, (28, 28, 1), 10)
+    _check_split(d.test, 10000, (28, 28, 1), 10)
+    assert np.bincount(d.train.labels).tolist() == [6000] * 10
+    assert d.train.class_names[9] == "Ankle boot"

@@ -48,7 +48,7 @@ def test_purify_command_under_torchrun(tmp_path):
     from dmlp_plugin.cli import main
 
     args = ["purify", str(ROOT / "configs" / "purify-digits.yaml"), "--no-progress",
-            "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 10}",
+            "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 10}", "--set", "checks.estimate_folds=0",
             "--set", f"features.cache_dir={tmp_path / 'cache'}"]
     r = _launch(["-m", "dmlp_plugin", *args[:2], "--out", str(tmp_path / "two"), *args[2:]], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -145,7 +145,7 @@ def _simclr_args(tmp_path, name):
     return ["purify", str(ROOT / "configs" / "purify-digits.yaml"), "--out", str(tmp_path / name), "--no-progress",
             "--set", f"features.cache_dir={tmp_path / ('cache_' + name)}",
             "--set", "features.ssl={backbone: test_resnet, image_size: 16, epochs: 3, batch_size: 128, hflip: false}",
-            "--set", "preprocessor.params={epochs: 5}"]
+            "--set", "preprocessor.params={epochs: 5}", "--set", "checks.estimate_folds=0"]
 
 
 def test_simclr_features_under_torchrun_and_a_kill_9_resumes(tmp_path):

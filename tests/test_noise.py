@@ -281,3 +281,75 @@ def test_human_file_errors(tmp_path, truth, human):
     np.savez(npz, **shuffled)
     with pytest.raises(UserError, match="clean_label"):
         apply_noise(truth, C, kind="human", file=npz, key="aggre_label")
+
+
+# ---- instance-dependent noise (Xia et al. 2020) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def images_and_truth():
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, C, 6000)
+    proto = rng.integers(0, 256, (C, 12, 12), dtype=np.uint8)
+    noise = rng.integers(-40, 40, (6000, 12, 12))
+    images = np.clip(proto[truth].astype(int) + noise, 0, 255).astype(np.uint8)[..., None]
+    return images, truth
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.4, 0.6])
+def test_instance_noise_hits_the_requested_rate(images_and_truth, rate):
+    from dmlp_plugin.data.noise import apply_instance_noise
+
+    images, truth = images_and_truth
+    out = apply_instance_noise(truth, C, images=images, rate=rate, seed=0)
+    assert out.kind == "instance" and out.labels.dtype == np.int64 and out.labels.shape == truth.shape
+    assert abs(out.flip_rate - rate) < 0.025
+    assert out.details["requested_rate"] == rate and out.details["flip_rate"] == out.flip_rate
+    assert "Xia et al." in out.details["convention"] and len(out.details["per_class_flip_rate"]) == C
+
+
+def test_instance_noise_depends_on_the_image_and_is_seeded(images_and_truth):
+    from dmlp_plugin.data.noise import apply_instance_noise, instance_flip_distribution
+
+    images, truth = images_and_truth
+    p = instance_flip_distribution(images, truth, C, 0.4, seed=0)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-9)
+    # two copies of one image (same true label) get the same flip distribution, wherever they are
+    twin = np.concatenate([images[:50], images[:50][::-1]])
+    twin_truth = np.concatenate([truth[:50], truth[:50][::-1]])
+    q = instance_flip_distribution(twin, twin_truth, C, 0.4, seed=0)
+    np.testing.assert_allclose(q[:50], q[50:][::-1])
+    np.testing.assert_allclose(q[:50], p[:50])
+    # different images of one class get different distributions (not a class-level transition matrix)
+    same_class = np.flatnonzero(truth == 3)[:20]
+    assert np.ptp(p[same_class, 3]) > 0.05 and np.unique(p[same_class].round(6), axis=0).shape[0] == 20
+    # the per-sample flip rates follow the truncated normal N(0.4, 0.1^2) on [0, 1]
+    q_n = 1 - p[np.arange(len(truth)), truth]
+    assert abs(q_n.mean() - 0.4) < 0.01 and abs(q_n.std() - 0.1) < 0.01
+    a = apply_instance_noise(truth, C, images=images, rate=0.4, seed=3)
+    b = apply_instance_noise(truth, C, images=images, rate=0.4, seed=3)
+    c = apply_instance_noise(truth, C, images=images, rate=0.4, seed=4)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert (a.labels != c.labels).mean() > 0.1
+    assert apply_instance_noise(truth, C, images=images, rate=0.0, seed=0).flip_rate == 0.0
+
+
+def test_instance_noise_bad_input(images_and_truth):
+    from dmlp_plugin.data.noise import apply_instance_noise
+
+    images, truth = images_and_truth
+    with pytest.raises(UserError, match="noise.rate=1.2 is outside"):
+        apply_instance_noise(truth, C, images=images, rate=1.2)
+    with pytest.raises(UserError, match="5999 images but 6000 labels"):
+        apply_instance_noise(truth, C, images=images[1:], rate=0.4)
+    with pytest.raises(UserError, match="not used by kind instance"):
+        apply_instance_noise(truth, C, images=images, rate=0.4, pairs={1: 2})
+
+
+def test_instance_noise_through_a_purify_config():
+    from dmlp_plugin.config import load_config
+    from dmlp_plugin.pipeline import load_data, make_noisy
+
+    cfg, _ = load_config("configs/purify-digits.yaml", ["noise.kind=instance", "noise.rate=0.4"])
+    noisy, truth = make_noisy(cfg, load_data(cfg))
+    assert noisy.kind == "instance" and abs(noisy.flip_rate - 0.4) < 0.05 and truth is not None
+    assert load_registry().entry("noise", "instance").summary.startswith("instance-dependent")

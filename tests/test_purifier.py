@@ -215,3 +215,100 @@ def test_killed_purification_resumes_to_the_uninterrupted_result(clusters, tmp_p
     ck.write_bytes(ck.read_bytes()[:100])
     with pytest.warns(RuntimeWarning, match="unreadable"):
         purify([x], noisy, meta, y[meta], 10, cfg, progress=False, checkpoint=str(ck))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the cleanlab comparison / preprocessor
+
+
+def _planted_flips(n=3000, seed=0):
+    x, y = clustered_features(n, 32, 5, spread=0.8, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    noisy = y.copy()
+    flip = rng.random(n) < 0.25
+    noisy[flip] = (y[flip] + rng.integers(1, 5, flip.sum())) % 5  # 25% of the labels moved to another class
+    meta = rng.choice(n, 50, replace=False)
+    return x, y, noisy, meta
+
+
+def test_cleanlab_relabel_fixes_planted_flips_and_keeps_trusted_labels():
+    pytest.importorskip("cleanlab")
+    from dmlp_plugin.purifier.preprocessors import Cleanlab
+    from dmlp_plugin.records import PurifyInputs
+
+    x, y, noisy, meta = _planted_flips()
+    meta_labels = y[meta].copy()
+    noisy[meta] = (y[meta] + 1) % 5  # the trusted rows' given labels are wrong: their trusted labels must win
+    inp = PurifyInputs(views=[x, x], noisy=noisy, meta_idx=meta, meta_labels=meta_labels, num_classes=5, seed=0)
+    res = Cleanlab().purify(inp)
+    rest = np.setdiff1d(np.arange(len(y)), meta)
+    before, after = np.mean(noisy[rest] == y[rest]), np.mean(res.hard[rest] == y[rest])
+    assert before < 0.8 and after > 0.97, (before, after)
+    np.testing.assert_array_equal(res.hard[meta], meta_labels)
+    np.testing.assert_array_equal(res.hard, res.soft.argmax(1))
+    assert np.all(res.confidence[meta] == 1.0) and np.all((res.confidence >= 0) & (res.confidence <= 1))
+    info = res.info
+    assert info["folds"] == 5 and info["views"] == "all" and 500 < info["flagged"] < 1500
+    assert info["l2"] in [p["l2"] for p in info["l2_path"]]
+    # seeded and deterministic
+    again = Cleanlab().purify(inp)
+    np.testing.assert_array_equal(again.hard, res.hard)
+
+
+def test_out_of_fold_probabilities_never_see_their_own_row():
+    # a row whose label is unlike every other row's in its neighbourhood: an in-sample fit could memorise it,
+    # the out-of-fold model cannot, so its predicted class is its neighbours'
+    pytest.importorskip("cleanlab")
+    from dmlp_plugin.purifier.preprocessors import Cleanlab
+    from dmlp_plugin.records import PurifyInputs
+
+    x, y, _, meta = _planted_flips(1000, seed=3)
+    noisy = y.copy()
+    noisy[7] = (y[7] + 2) % 5
+    inp = PurifyInputs(views=[x], noisy=noisy, meta_idx=meta[meta != 7], meta_labels=y[meta[meta != 7]],
+                       num_classes=5)
+    probs, l2, path = Cleanlab(l2=0.0001).pred_probs(inp)
+    assert probs.shape == (1000, 5) and l2 == 0.0001 and len(path) == 1
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert probs[7].argmax() == y[7]
+
+
+def test_cleanlab_not_installed_is_one_line_naming_the_pip_command(monkeypatch):
+    import sys
+
+    from dmlp_plugin.errors import MissingDependency, UserError
+    from dmlp_plugin.pipeline import build_component
+
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # `import cleanlab` now raises ImportError
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)
+    with pytest.raises(UserError) as e:
+        build_component("preprocessors", "cleanlab", {})
+    assert isinstance(e.value, MissingDependency) and e.value.install == "pip install 'dmlp_plugin[cleanlab]'"
+    assert "\n" not in str(e.value) and "pip install 'dmlp_plugin[cleanlab]'" in str(e.value)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"folds": 1}, r"folds=1 must be an integer >= 2"), ({"l2": -1}, r"l2=-1\.0 must be auto or a number >= 0"),
+    ({"views": "3x"}, r"views='3x' is not known"),
+    ({"filter_by": "magic"}, r"filter_by='magic' is not a cleanlab filter"),
+])
+def test_bad_cleanlab_settings_are_user_errors(params, message):
+    pytest.importorskip("cleanlab")
+    from dmlp_plugin.errors import UserError
+    from dmlp_plugin.pipeline import build_component
+
+    with pytest.raises(UserError, match=message):
+        build_component("preprocessors", "cleanlab", params)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"k": 0}, r"k=0 must be a positive integer"), ({"views": "both"}, r"views='both' is not known"),
+    ({"temperature": 0}, r"temperature=0\.0 must be > 0"),
+])
+def test_bad_knn_vote_settings_are_user_errors(params, message):
+    from dmlp_plugin.errors import UserError
+    from dmlp_plugin.pipeline import build_component
+
+    with pytest.raises(UserError, match=message):
+        build_component("preprocessors", "knn_vote", params)
+    assert build_component("preprocessors", "knn_vote", {"views": 2}).views == "2"  # YAML `views: 2`

@@ -29,6 +29,7 @@ def _dmlp(*args: str, kill_at: str | None = None):
 def _purify(out: Path, cache: Path, kill_at: str | None = None):
     return _dmlp("purify", str(ROOT / "configs" / "purify-digits.yaml"), "--out", str(out), "--no-progress",
                  "--set", f"features.cache_dir={cache}", "--set", SSL, "--set", "preprocessor.params={epochs: 12}",
+                 "--set", "checks.estimate_folds=0",
                  "--set", "noise.rate=0.6", "--set", "seed=3", kill_at=kill_at)
 
 
@@ -77,6 +78,7 @@ def test_kill_9_during_ssl_and_purification_then_rerun_equals_an_uninterrupted_r
 def _bench(out: Path, kill_at: str | None = None):
     return _dmlp("bench", str(ROOT / "configs" / "demo.yaml"), "--out", str(out), "--no-progress",
                  "--set", "features.source=raw", "--set", "preprocessor.params={epochs: 10}", "--set", "seeds=[0]",
+                 "--set", "checks.estimate_folds=0",
                  "--set", "arms=[purified]", "--set", "methods=[{name: elr, params: {epochs: 4}}]", kill_at=kill_at)
 
 

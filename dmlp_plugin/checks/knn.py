@@ -2,10 +2,16 @@
 and a CUDA device are present, CPU index otherwise, exact torch search when faiss is not installed).
 
 Uses: (a) automatic selection of a trusted meta set, (b) a per-sample neighbour-agreement score,
-(c) the ``knn_vote`` relabelling baseline (weighted vote, lightly's kNN semantics: weight exp(sim / T)).
+(c) the ``knn_vote`` relabelling baseline (weighted vote, lightly's kNN semantics: weight exp(sim / T)),
+swept over a k grid from one search at the largest k (:func:`vote_at`) on each view and on the views
+concatenated (:func:`view_set`).
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -31,19 +37,58 @@ def backend_name() -> str:
     return "faiss-cpu"
 
 
+# Self-searches kept for reuse: the features do not change between the checks, comparisons and cells of one
+# process (the knn sweep's lists at k = 245 serve the neighbour-agreement check at k = 10, and a benchmark's
+# next noise setting), so an exact search of the same matrix is done once. Keyed by a digest of the matrix;
+# least recently used first out, at most SEARCH_CACHE_BYTES of neighbour lists. DMLP_KNN_CACHE=0 turns it off.
+SEARCH_CACHE_BYTES = 2 << 30
+_SEARCH_CACHE: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+
+
+def _digest(x: np.ndarray) -> str:
+    h = hashlib.sha1(str((x.shape, x.dtype.str)).encode(), usedforsecurity=False)
+    h.update(memoryview(np.ascontiguousarray(x)).cast("B"))
+    return h.hexdigest()
+
+
+def _cached_search(x: np.ndarray, k: int, backend: str, run) -> tuple[np.ndarray, np.ndarray]:
+    if os.environ.get("DMLP_KNN_CACHE", "1") == "0":
+        return run(k)
+    key = (_digest(x), backend)
+    hit = _SEARCH_CACHE.get(key)
+    if hit is not None and hit[1].shape[1] >= min(k, x.shape[0] - 1):
+        _SEARCH_CACHE.move_to_end(key)
+        return hit[0][:, :k].copy(), hit[1][:, :k].copy()
+    sims, idx = run(k)
+    _SEARCH_CACHE[key] = (sims, idx)
+    while sum(s.nbytes + i.nbytes for s, i in _SEARCH_CACHE.values()) > SEARCH_CACHE_BYTES and len(_SEARCH_CACHE) > 1:
+        _SEARCH_CACHE.popitem(last=False)
+    if sims.nbytes + idx.nbytes > SEARCH_CACHE_BYTES:
+        _SEARCH_CACHE.pop(key, None)
+    return sims.copy(), idx.copy()
+
+
 def search(features: np.ndarray, k: int, queries: np.ndarray | None = None, exclude_self: bool = True,
            backend: str = "auto", chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by inner product (cosine for L2-normalised rows).
 
     features: (N, d) float32 database. queries: (Q, d) or None for the database itself, in which case
     ``exclude_self`` drops each sample from its own list. Returns sims (Q, k) float32 and indices (Q, k)
-    int64, best first.
+    int64, best first. A self-search (no queries, exclude_self) of a matrix searched before in this process
+    at k or more is served from memory (the first k columns of the longer lists: the same neighbours).
     """
+    backend = backend_name() if backend == "auto" else backend
+    if queries is None and exclude_self:
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        return _cached_search(x, k, backend, lambda kk: _search(x, kk, None, True, backend, chunk))
+    return _search(features, k, queries, exclude_self, backend, chunk)
+
+
+def _search(features, k, queries, exclude_self, backend, chunk):
     x = np.ascontiguousarray(features, dtype=np.float32)
     q = x if queries is None else np.ascontiguousarray(queries, dtype=np.float32)
     drop_self = exclude_self and queries is None
     kk = min(k + int(drop_self), x.shape[0])
-    backend = backend_name() if backend == "auto" else backend
     if backend.startswith("faiss"):
         faiss = _faiss()
         index = faiss.IndexFlatIP(x.shape[1])
@@ -79,10 +124,100 @@ def neighbour_agreement(idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def vote(sims: np.ndarray, idx: np.ndarray, labels: np.ndarray, num_classes: int,
          temperature: float = 0.1) -> np.ndarray:
     """Weighted neighbour vote: (N, C) distribution, weight of neighbour j = exp(sim_j / T)."""
-    w = np.exp((sims - sims.max(axis=1, keepdims=True)) / temperature)
-    out = np.zeros((idx.shape[0], num_classes), dtype=np.float64)
-    np.add.at(out, (np.repeat(np.arange(idx.shape[0]), idx.shape[1]), np.asarray(labels)[idx].ravel()), w.ravel())
-    return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
+    return vote_at(sims, idx, labels, num_classes, [idx.shape[1]], temperature)[idx.shape[1]]
+
+
+def vote_at(sims: np.ndarray, idx: np.ndarray, labels: np.ndarray, num_classes: int, ks,
+            temperature: float = 0.1) -> dict[int, np.ndarray]:
+    """:func:`vote` for several k from ONE neighbour list: sims, idx (N, K) best first (as :func:`search`
+    returns them) and each k <= K; the vote at k uses the first k columns, which are the k nearest
+    neighbours, so it equals a fresh search at k followed by :func:`vote` (up to ties in similarity).
+    The weights are shifted by each row's top similarity (column 0 whatever k is). Returns {k: (N, C)
+    float32}; one pass over the columns, accumulating the slice between consecutive k."""
+    sims = np.asarray(sims, dtype=np.float32)
+    idx = np.asarray(idx)
+    n, kmax = idx.shape
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1 or ks[-1] > kmax:
+        raise ValueError(f"ks {ks} must lie in 1..{kmax} (the neighbour lists' length)")
+    labels = np.asarray(labels, dtype=np.int64)
+    w = np.exp((sims - sims[:, :1]) / temperature)
+    acc = np.zeros(n * num_classes, dtype=np.float64)
+    rows = np.arange(n, dtype=np.int64)[:, None] * num_classes
+    out, start = {}, 0
+    for k in ks:
+        if k > start:
+            flat = (rows + labels[idx[:, start:k]]).ravel()
+            acc += np.bincount(flat, weights=w[:, start:k].ravel().astype(np.float64), minlength=n * num_classes)
+            start = k
+        table = acc.reshape(n, num_classes)
+        out[k] = (table / table.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def k_grid(n: int, ks="auto") -> list[int]:
+    """The k values the ``knn_vote`` comparison tries on ``n`` samples. ``auto``: 5, 10, 20, 50, 100, 200,
+    300, 400 up to max(200, sqrt(n)) (capped at 400), that bound itself when it lies well past the last grid
+    value (e.g. 245 for n = 60,000), and never more than n - 1 (a sample is not its own neighbour).
+    A list: those values (positive integers), the ones above n - 1 replaced by n - 1."""
+    if n < 2:
+        raise UserError(f"the knn_vote comparison needs at least 2 samples, got {n}")
+    check_ks(ks)
+    if ks == "auto":
+        top = min(400, max(200, int(np.ceil(np.sqrt(n)))), n - 1)
+        grid = [k for k in (5, 10, 20, 50, 100, 200, 300, 400) if k <= top]
+        if not grid or top > 1.2 * grid[-1]:
+            grid.append(top)
+        return grid
+    return sorted({min(int(k), n - 1) for k in ks})
+
+
+def check_ks(ks) -> None:
+    """``checks.vote_ks`` is ``auto`` or a non-empty list of positive integers; else UserError."""
+    if isinstance(ks, str) and ks == "auto":
+        return
+    if isinstance(ks, (list, tuple)):
+        bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    else:
+        bad = [ks]
+    if bad or not ks:
+        what = "give at least one k" if not bad else f"{bad[0]!r} is not a positive integer"
+        raise UserError(f"checks.vote_ks={ks!r}: {what}; use auto or a list of positive integers such as [5, 20, 100]")
+
+
+def view_set(views: list, which: str) -> np.ndarray:
+    """The features a neighbour search of ``which`` runs on: view ``"1"``, ``"2"``, ... alone, or ``"all"``:
+    the distinct views (a repeat of an earlier view is left out), each L2-normalised, concatenated and
+    renormalised (the inner product is then the mean of the views' cosine similarities). views: (N, d_v)."""
+    if which == "all":
+        keep = _distinct(views)
+        if len(keep) == 1:
+            return _l2(views[keep[0]])
+        return _l2(np.concatenate([_l2(views[i]) for i in keep], axis=1))
+    if not (isinstance(which, str) and which.isdigit() and 1 <= int(which) <= len(views)):
+        raise UserError(f"views={which!r} is not one of the {len(views)} feature views; use "
+                        f"{', '.join(repr(str(i + 1)) for i in range(len(views)))} or 'all' (concatenated)")
+    return np.asarray(views[int(which) - 1], dtype=np.float32)
+
+
+def distinct_view_sets(views: list) -> list[str]:
+    """Each view alone and all views concatenated, without repeats: a view equal to an earlier one
+    (``features.second_view: same``) adds nothing, and with one distinct view ``all`` is that view."""
+    singles = _distinct(views)
+    return [str(i + 1) for i in singles] + (["all"] if len(singles) > 1 else [])
+
+
+def _distinct(views: list) -> list[int]:
+    keep = []
+    for i, v in enumerate(views):
+        if not any(v is views[j] or (v.shape == views[j].shape and np.array_equal(v, views[j])) for j in keep):
+            keep.append(i)
+    return keep
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def select_meta(features: np.ndarray, labels: np.ndarray, num_classes: int, size: int, k: int = 10,

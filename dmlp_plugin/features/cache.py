@@ -6,6 +6,9 @@ version): another data set, backbone or any other setting gives another file. Fi
 - ``features-<key>.npz``: arrays ``plain`` and ``hflip`` (N, d) float32 with L2-normalised rows (features
   of the images and of their mirror images) and ``provenance`` (a JSON string); no object arrays, loaded
   with ``allow_pickle=False``.
+  With a test split given, also ``test_plain`` (its features from the same backbone) and, in the provenance,
+  ``quality``: k-NN accuracy on the test split against the true labels for these features and for raw
+  standardised pixels (what the SSL stage bought).
 - ``features-<key>.json``: the provenance again, for people.
 - ``ssl-<key>.pt``: the SimCLR checkpoint while training runs (a killed run resumes from it); deleted
   once the features are saved.
@@ -65,9 +68,11 @@ def _load(path: Path, n: int) -> FeatureBank | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             views = {name: np.asarray(z[name]) for name in VIEWS}
+            if "test_plain" in z.files:
+                views["test_plain"] = np.asarray(z["test_plain"])
             provenance = json.loads(str(z["provenance"]))
         for name, x in views.items():
-            if x.dtype != np.float32 or x.ndim != 2 or x.shape[0] != n or not np.isfinite(x).all():
+            if x.dtype != np.float32 or x.ndim != 2 or (x.shape[0] != n and name in VIEWS) or not np.isfinite(x).all():
                 raise ValueError(f"view {name!r} is {x.dtype} {x.shape}, expected finite float32 ({n}, d)")
         if not isinstance(provenance, dict):
             raise ValueError("provenance is not a mapping")
@@ -78,14 +83,42 @@ def _load(path: Path, n: int) -> FeatureBank | None:
     return FeatureBank(views=views, path=str(path), provenance=provenance)
 
 
+def feature_quality(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                    k: int = 20) -> float:
+    """k-NN accuracy (cosine, majority vote, ties to the nearest) of test rows against labelled train rows:
+    the usual SSL monitor (InstDisc / SimCLR papers' kNN evaluation). Rows are L2-normalised here."""
+    from dmlp_plugin.checks import knn  # noqa: PLC0415
+
+    def l2(a):
+        a = np.asarray(a, dtype=np.float32)
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    sims, idx = knn.search(l2(train_x), k, queries=l2(test_x))
+    soft = knn.vote(sims, idx, np.asarray(train_y), int(max(train_y.max(), test_y.max())) + 1, temperature=1e3)
+    return float(np.mean(soft.argmax(1) == np.asarray(test_y)))
+
+
+def _quality(imageset: ImageSet, test: ImageSet, train_f: np.ndarray, test_f: np.ndarray) -> dict:
+    # raw pixels standardised with the training split's statistics
+    xtr = imageset.images.reshape(len(imageset), -1).astype(np.float32)
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xte = (test.images.reshape(len(test), -1).astype(np.float32) - mu) / sd
+    return {"metric": "20-NN accuracy (cosine, majority) on the test split, true labels",
+            "ssl": feature_quality(train_f, imageset.labels, test_f, test.labels),
+            "raw_pixels": feature_quality((xtr - mu) / sd, imageset.labels, xte, test.labels),
+            "test_size": len(test)}
+
+
 def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: str = "cpu",
-                 progress: bool = True) -> FeatureBank:
+                 progress: bool = True, test: ImageSet | None = None) -> FeatureBank:
     """SimCLR features of ``imageset.images`` (uint8 (N, H, W, C)) for settings ``cfg`` (a SimCLRConfig).
 
     Loads ``<cache_dir>/features-<key>.npz`` when it exists and is sound; otherwise trains SimCLR
     (``ssl.train_simclr``, resuming from ``<cache_dir>/ssl-<key>.pt`` if a previous run was killed),
     extracts the ``plain`` and ``hflip`` views, saves them atomically with a JSON sidecar and deletes the
-    checkpoint. Labels are never used (they only enter the data fingerprint).
+    checkpoint. Labels are never used to train (they only enter the data fingerprint). ``test``: a labelled
+    test split; its features are extracted too (``views["test_plain"]``) and the provenance gets ``quality``
+    (k-NN test accuracy of these features and of raw pixels; see :func:`feature_quality`).
     """
     import torch  # noqa: PLC0415 - heavy imports on use (a cache hit still needs none of the model code)
 
@@ -119,6 +152,10 @@ def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: 
         return bank
     views = {name: extract_features(model, imageset.images, cfg.image_size, device, flip=(name == "hflip"))
              for name in VIEWS}
+    quality = None
+    if test is not None and test.labels is not None and imageset.labels is not None and len(test):
+        views["test_plain"] = extract_features(model, test.images, cfg.image_size, device)
+        quality = _quality(imageset, test, views["plain"], views["test_plain"])
     losses = [round(float(v), 5) for v in getattr(model, "simclr_losses", [])]
     provenance = {
         "method": "SimCLR (Chen et al. 2020), NT-Xent; features = pooled backbone output, L2-normalised",
@@ -140,6 +177,7 @@ def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: 
         "timm": _timm_version(),
         "format": FORMAT_VERSION,
         "ssl_config": dataclasses.asdict(cfg),
+        "quality": quality,
     }
     write_npz(path, **views, provenance=np.array(json.dumps(provenance)))
     write_json(sidecar, provenance)
