@@ -62,7 +62,11 @@ def weighted_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int,
     for c in np.flatnonzero(seen):
         samples += w[c] * rng.beta(x_c[c] + 0.5, n_c[c] - x_c[c] + 0.5, size=draws)
     lo, hi = np.quantile(samples, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"estimate": float(np.sum(w * acc_c)), "low": float(lo), "high": float(hi), "level": level,
+    est = float(np.sum(w * acc_c))
+    # Jeffreys' interval misses an all-correct (or all-wrong) class's observed rate; as Brown, Cai and DasGupta
+    # (2001) do for x = n (x = 0), the interval is extended to reach the point estimate
+    lo, hi = min(float(lo), est), max(float(hi), est)
+    return {"estimate": est, "low": lo, "high": hi, "level": level,
             "scored": int(n_c.sum()), "unweighted": float(correct.mean()) if correct.size else None,
             "classes_unscored": [int(c) for c in np.flatnonzero(~seen)]}
 

@@ -78,3 +78,11 @@ def test_bad_fold_counts_are_clear_errors():
         cv_accuracy(lambda i, l: None, np.arange(10), np.zeros(10, int), 2, folds=1)
     with pytest.raises(UserError, match="needs at least 5 trusted samples, the subset has 3"):
         cv_accuracy(lambda i, l: None, np.arange(3), np.zeros(3, int), 2, folds=5)
+
+
+def test_an_all_correct_subset_gets_an_interval_that_reaches_its_estimate():
+    labels = np.repeat(np.arange(C), 10)
+    r = weighted_accuracy(np.ones(labels.size, bool), labels, C, None)
+    assert r["estimate"] == 1.0 and r["high"] == 1.0 and 0.85 < r["low"] < 1.0
+    r = weighted_accuracy(np.zeros(labels.size, bool), labels, C, None)
+    assert r["estimate"] == 0.0 and r["low"] == 0.0 and r["high"] < 0.15
