@@ -190,10 +190,48 @@ def _purify_table(out: Path) -> tuple[list[str], dict]:
     return lines, summary
 
 
+def _rel(path) -> str:
+    """A path as the report shows it: relative to the repository when inside it (no machine's absolute paths)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
+def _partial_ab(ab_out: Path) -> list[str]:
+    """The finished runs of a grid still under way (their result.json files), as a table: noise x method, the
+    noisy and purified arms' last-epoch test accuracy and seconds."""
+    import yaml
+
+    done = {}
+    for path in sorted((ab_out / "runs").glob("*/result.json")):
+        r = json.loads(path.read_text())
+        done[(r["noise_tag"], r["method_label"], r["labels"])] = r
+    if not done:
+        return []
+    cfg = yaml.safe_load(BENCH_CONFIG.read_text())
+    methods = [m.get("label", m["name"]) for m in cfg["methods"]]
+    noises = [f"{n['kind']}-{round(n['rate'] * 100)}" for n in cfg["noise"]]
+    total = len(methods) * len(noises) * len(cfg["arms"]) * len(cfg["seeds"])
+    lines = [f"PARTIAL: {len(done)} of {total} runs finished (the grid resumes with the same command; seed "
+             f"{cfg['seeds'][0]}). Last-epoch test accuracy on the official 10,000 test images (seconds of the run):", "",
+             "| noise | method | noisy labels | purified labels | purified - noisy |", "|---|---|---|---|---|"]
+
+    def cell(r):
+        return "not run yet" if r is None else f"{r['test_accuracy']:.4f} ({r['seconds']:.0f} s)"
+
+    for nz in noises:
+        for m in methods:
+            a, b = done.get((nz, m, "noisy")), done.get((nz, m, "purified"))
+            if a is None and b is None:
+                continue
+            diff = f"{(b['test_accuracy'] - a['test_accuracy']) * 100:+.2f}" if a and b else "n/a"
+            lines.append(f"| {nz} | {m} | {cell(a)} | {cell(b)} | {diff} |")
+    return lines
+
+
 def _ab_table(ab_out: Path) -> list[str]:
     report = ab_out / "report.md"
     if not report.exists():
-        return [f"(not run yet: `python benchmarks/fmnist.py ab` writes {ab_out}/report.md)"]
+        return _partial_ab(ab_out) or [f"(not run yet: `python benchmarks/fmnist.py ab` writes {_rel(ab_out)}/report.md)"]
     text = report.read_text().splitlines()
     return text
 
@@ -228,7 +266,7 @@ def cmd_report(args) -> None:
                + "; ".join(f"{k}: " + json.dumps({a: b for a, b in v.items() if a != 'label_accuracy_after'},
                                                   default=str) for k, v in comps.items())]
     md += ["", "## (b) A/B training grid", "", "`python benchmarks/fmnist.py ab` = `dmlp bench configs/fmnist-bench.yaml "
-           f"--out {args.ab_out}`", ""] + _ab_table(Path(args.ab_out))
+           f"--out {_rel(args.ab_out)}`", ""] + _ab_table(Path(args.ab_out))
     published = RESULTS / "fmnist_published.md"
     if published.exists():
         md += ["", published.read_text().strip()]

@@ -67,11 +67,11 @@ def _cmd_purify(args) -> int:
     if launcher_rank() != 0:  # under a launcher, process 0 speaks for all
         return 0
     if "label_accuracy_after" in metrics:
-        from dmlp_plugin.report import comparison_setting, comparisons  # noqa: PLC0415
+        from dmlp_plugin.report import comparison_setting, comparisons, preprocessor_label  # noqa: PLC0415
 
         sec = metrics["seconds"]
         parts = [f"noisy {metrics['label_accuracy_before']:.4f}",
-                 f"{metrics['preprocessor']} {metrics['label_accuracy_after']:.4f} ({sec.get('purify', 0):.1f} s)"]
+                 f"{preprocessor_label(metrics)} {metrics['label_accuracy_after']:.4f} ({sec.get('purify', 0):.1f} s)"]
         for name, e in comparisons(metrics):
             if e.get("label_accuracy_after") is None:
                 parts.append(f"{name} {e.get('status', 'n/a')}")
@@ -87,6 +87,10 @@ def _cmd_purify(args) -> int:
               f"{round(100 * first['level'])}% interval): "
               + ", ".join(f"{k} {e['estimate']:.4f} [{e['low']:.3f}, {e['high']:.3f}]" for k, e in est.items())
               + f"; {metrics['seconds'].get('estimate', 0):.1f} s")
+    if metrics.get("auto"):
+        from dmlp_plugin.report import auto_line  # noqa: PLC0415
+
+        print(auto_line(metrics))
     world = metrics.get("world_size", 1)
     print(f"wrote {os.path.join(args.out, 'labels.npz')}, metrics.json, report.md"
           + (f" ({world} processes)" if world > 1 else ""))

@@ -78,7 +78,10 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class PreprocessorConfig:
-    """A registry name under ``preprocessors`` and its parameters."""
+    """A registry name under ``preprocessors`` and its parameters. ``auto`` runs several (``params.candidates``,
+    default dmlp, knn_vote, cleanlab, trusted_only; each one's parameters under its name, e.g.
+    ``params: {dmlp: {epochs: 60}}``) and keeps the one with the best label accuracy estimated without true
+    labels (``checks.estimate_folds``); see :class:`dmlp_plugin.purifier.preprocessors.Auto`."""
 
     name: str = "dmlp"
     params: dict = field(default_factory=dict)
@@ -95,7 +98,8 @@ class ChecksConfig:
     the largest k, and the best (views, k) by label accuracy is reported (chosen with the true labels).
     ``estimate_folds``: K of the label-accuracy estimate that needs no true labels (K-fold cross-validation
     over the trusted subset, :mod:`dmlp_plugin.estimate`) for the preprocessor and every comparison; 0 turns it
-    off. It costs K more runs of each; ``estimate_compare: false`` estimates the preprocessor only."""
+    off (not with ``preprocessor: auto``, which chooses by it). It costs K more runs of each;
+    ``estimate_compare: false`` estimates the preprocessor only."""
 
     k: int = 10
     vote_ks: str | list = "auto"

@@ -7,6 +7,7 @@ nothing half-written in the output folder).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -78,7 +79,11 @@ def validate(cfg: PurifyConfig) -> dict:
 
     check_ks(cfg.checks.vote_ks)
     _vote_views(cfg.checks.vote_views)
-    built = {"preprocessor": build_component("preprocessors", cfg.preprocessor.name, cfg.preprocessor.params)}
+    if cfg.trusted.source == "none" and cfg.preprocessor.name in NEEDS_TRUSTED:
+        raise UserError(f"preprocessor {cfg.preprocessor.name!r} needs a trusted subset; set trusted.source to "
+                        f"clean_sample, index_file or knn_auto")
+    built = {"preprocessor": with_checks(cfg, build_component("preprocessors", cfg.preprocessor.name,
+                                                              cfg.preprocessor.params))}
     views = getattr(built["preprocessor"], "views", None)  # a run has two feature views (make_views)
     if isinstance(views, str) and views.isdigit() and not 1 <= int(views) <= 2:
         raise UserError(f"preprocessor.params.views={views} names a feature view this run does not have; use 1, 2 "
@@ -89,6 +94,18 @@ def validate(cfg: PurifyConfig) -> dict:
         built["ssl"] = ssl_config(cfg)
     resolve_device(cfg.device)
     return built
+
+
+NEEDS_TRUSTED = ("dmlp", "trusted_only", "auto")  # preprocessors that cannot run without a trusted subset
+
+
+def with_checks(cfg: PurifyConfig, pre):
+    """A preprocessor that needs the run's ``checks`` settings (``auto``: the estimate's folds and knn_vote's
+    grid) gets them through its ``with_checks``; any other is returned as it is. Bad settings: UserError."""
+    hook = getattr(pre, "with_checks", None)
+    if not callable(hook):
+        return pre
+    return hook(cfg.checks.estimate_folds, cfg.checks.vote_ks, _vote_views(cfg.checks.vote_views))
 
 
 def _vote_views(views) -> list[str] | None:
@@ -410,7 +427,7 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
     noisy = noisy_labels.labels
     c = data.train.num_classes
     meta_idx, meta_labels = select_trusted(cfg, noisy, truth, c, views.arrays[0])
-    if meta_idx.size == 0 and cfg.preprocessor.name in ("dmlp", "trusted_only"):
+    if meta_idx.size == 0 and cfg.preprocessor.name in NEEDS_TRUSTED:
         raise UserError(f"preprocessor {cfg.preprocessor.name!r} needs a trusted subset; set trusted.source to "
                         f"clean_sample, index_file or knn_auto")
     per_class = np.bincount(meta_labels, minlength=c) if meta_idx.size else None
@@ -428,10 +445,15 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
               f"are the feature rows in the data set's training order? (see the README, 'Your own features')",
               file=sys.stderr)
 
+    pre = with_checks(cfg, built["preprocessor"])  # (cfg may differ from the one validated: a benchmark's cells)
     t = time.perf_counter()
-    result = run_preprocessor(built["preprocessor"], views, noisy, meta_idx, meta_labels, c, truth, device,
-                              progress, cfg.seed, checkpoint)
+    result = run_preprocessor(pre, views, noisy, meta_idx, meta_labels, c, truth, device, progress, cfg.seed,
+                              checkpoint)
     timings["purify"] = time.perf_counter() - t
+    auto = result.info.get("auto") if isinstance(result.info.get("auto"), dict) else None
+    if auto is not None:  # auto's K-fold estimates are the run's estimate work: timed as such, reused below
+        timings["purify"] -= auto["seconds"]["estimate"]
+        timings["estimate"] = auto["seconds"]["estimate"]
     t = time.perf_counter()
     agreement = neighbour_agreement(views.arrays[0], result.hard, cfg.checks.k)
     timings["checks"] += time.perf_counter() - t
@@ -452,15 +474,25 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
         "trusted_separability": separability,
         "seconds": timings,
         "config_hash": config_hash(raw or to_dict(cfg)), "versions": versions(),
+        # what the preprocessor chose for itself (dmlp: its readout's vote, k and power), scalars only
+        "preprocessor_info": {k: v for k, v in (result.info or {}).items()
+                              if isinstance(v, (str, int, float, bool, type(None)))},
     }
+    if auto is not None:
+        metrics["auto"] = copy.deepcopy(auto)  # (the artifact's provenance keeps auto's report without the truth)
+        if truth is not None:  # for the report only: the choice above never saw these
+            for name, (_, r) in getattr(result, "candidates", {}).items():
+                metrics["auto"]["candidates"][name]["label_accuracy_after"] = M.label_accuracy(r.hard[rest],
+                                                                                              truth[rest])
     if truth is not None:
         metrics["evaluated_on"] = "the samples outside the trusted subset"
         metrics["label_accuracy_before"] = M.label_accuracy(noisy[rest], truth[rest])
         metrics["label_accuracy_after"] = M.label_accuracy(result.hard[rest], truth[rest])
         metrics.update(M.fixed_broken(noisy[rest], result.hard[rest], truth[rest]))
-        metrics.update(_compare(cfg, views, noisy, meta_idx, meta_labels, c, truth, device, rest, timings))
-    estimates = _estimates(cfg, built["preprocessor"], views, noisy, meta_idx, meta_labels, c, device,
-                           result.hard[rest], metrics, timings)
+        metrics.update(_compare(cfg, views, noisy, meta_idx, meta_labels, c, truth, device, rest, timings,
+                                reuse=getattr(result, "candidates", None)))
+    estimates = _estimates(cfg, pre, views, noisy, meta_idx, meta_labels, c, device, result.hard[rest], metrics,
+                           timings, auto=auto)
     if estimates:
         metrics["estimated_accuracy"] = estimates
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
@@ -470,16 +502,19 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
                          neighbour_agreement=agreement, noisy=noisy.astype(np.int64), meta_indices=meta_idx,
                          meta_labels=meta_labels, fingerprint=data.train.fingerprint(), true_labels=truth,
                          provenance={"config": raw or to_dict(cfg), "features": views.provenance,
-                                     "versions": metrics["versions"], "noise": noisy_labels.details})
+                                     "versions": metrics["versions"], "noise": noisy_labels.details,
+                                     **({"auto": auto} if auto is not None else {})})
     return Purified(result=result, artifact=art, metrics=metrics)
 
 
 def _compare(cfg: PurifyConfig, views: Views, noisy, meta_idx, meta_labels, c, truth, device, rest,
-             timings: dict) -> dict:
+             timings: dict, reuse: dict | None = None) -> dict:
     """The comparison preprocessors (``checks.compare``), scored on the untrusted samples: {name: entry}, each
     entry with ``label_accuracy_after``, its setting and ``seconds``; each one's seconds also go into
     ``timings`` as ``compare_<name>`` (so into ``seconds.total``). A comparison whose optional package is not
-    installed gets ``label_accuracy_after: None`` and ``status: "not installed: <pip command>"``."""
+    installed gets ``label_accuracy_after: None`` and ``status: "not installed: <pip command>"``. ``reuse``:
+    {name: (component, result)} runs made already (``auto``'s candidates); a comparison equal to one of them
+    takes its result (``seconds``: what that run took, counted in ``seconds.purify``; ``reused`` says so)."""
     from dmlp_plugin import metrics as M  # noqa: PLC0415
 
     inp = PurifyInputs(views=views.arrays, noisy=noisy, meta_idx=meta_idx, meta_labels=meta_labels, num_classes=c,
@@ -494,38 +529,57 @@ def _compare(cfg: PurifyConfig, views: Views, noisy, meta_idx, meta_labels, c, t
         except MissingDependency as e:
             entry = {"label_accuracy_after": None, "status": f"not installed: {e.install}"}
         else:
+            made = (reuse or {}).get(name)
+            reused = name != "knn_vote" and made is not None and made[0] == pre  # the same component, same inputs
             if name == "knn_vote":
                 entry = _knn_sweep(cfg, pre, inp, truth, rest)
             else:
-                r = pre.purify(inp)
+                r = made[1] if reused else pre.purify(inp)
                 entry = {"label_accuracy_after": M.label_accuracy(r.hard[rest], truth[rest]),
                          **{k: v for k, v in r.info.items() if isinstance(v, (str, int, float, bool, list, dict))}}
-        entry["seconds"] = time.perf_counter() - t
-        timings[f"compare_{name}"] = entry["seconds"]
+            if reused:
+                entry["reused"] = (f"the run of {cfg.preprocessor.name}'s candidate {name} (its seconds are in "
+                                   f"seconds.purify)")
+        timings[f"compare_{name}"] = time.perf_counter() - t
+        entry["seconds"] = float(made[1].seconds) if entry.get("reused") else timings[f"compare_{name}"]
         out[name] = entry
     return out
 
 
 def _estimates(cfg: PurifyConfig, pre, views: Views, noisy, meta_idx, meta_labels, c, device, purified_rest,
-               metrics: dict, timings: dict) -> dict:
+               metrics: dict, timings: dict, auto: dict | None = None) -> dict:
     """Label accuracy of the preprocessor and of each comparison estimated WITHOUT true labels: K-fold
     cross-validation over the trusted subset (:func:`dmlp_plugin.estimate.cv_accuracy`), class-weighted by the
     class shares of the preprocessor's purified labels on the untrusted rows. {name: estimate}; the time goes
     into ``timings["estimate"]``. knn_vote is estimated at the k and views its comparison picked (default
-    k 20 on view 1 when no true labels picked them). {} when off or when the trusted subset is too small."""
+    k 20 on view 1 when no true labels picked them). {} when off or when the trusted subset is too small.
+    ``auto``: the report of the ``auto`` preprocessor, whose candidates were estimated already (with the class
+    weights of its first candidate's labels): those estimates are taken as they are (nothing runs twice), the
+    ``auto`` entry is its chosen candidate's (``chosen``), and any other comparison is estimated with the same
+    weights."""
     from dmlp_plugin.estimate import cv_accuracy  # noqa: PLC0415
 
     folds = cfg.checks.estimate_folds
     if not folds or meta_idx.size < max(folds, 2 * c):
         return {}
     t0 = time.perf_counter()
-    prior = np.bincount(purified_rest, minlength=c) / max(purified_rest.size, 1)
 
     def corrector(p):
         return lambda idx, lab: run_preprocessor(p, views, noisy, idx, lab, c, None, device, False, cfg.seed).hard
 
-    out = {cfg.preprocessor.name: cv_accuracy(corrector(pre), meta_idx, meta_labels, c, folds, cfg.seed, prior)}
-    names = [n for n in cfg.checks.compare if n != cfg.preprocessor.name] if cfg.checks.estimate_compare else []
+    done = {n: e for n, e in (auto or {}).get("candidates", {}).items() if "estimate" in e}
+    if done:
+        prior = np.asarray(auto["class_prior"])
+        chosen = auto["chosen"]
+        out = {cfg.preprocessor.name: {**done[chosen]["estimate"], "chosen": chosen,
+                                       "note": f"the estimate of the candidate auto chose ({chosen}); picked as the "
+                                               f"best of {len(done)}, it flatters a switch slightly"}}
+        out.update({n: {**e["estimate"], **({"setting": {"k": e["setting"]["k"], "views": e["setting"]["views"]}}
+                                            if "setting" in e else {})} for n, e in done.items()})
+    else:
+        prior = np.bincount(purified_rest, minlength=c) / max(purified_rest.size, 1)
+        out = {cfg.preprocessor.name: cv_accuracy(corrector(pre), meta_idx, meta_labels, c, folds, cfg.seed, prior)}
+    names = [n for n in cfg.checks.compare if n not in out] if cfg.checks.estimate_compare else []
     for name in names:
         entry = metrics.get(name) if isinstance(metrics.get(name), dict) else {}
         if entry.get("status", "").startswith("not installed"):
@@ -538,7 +592,7 @@ def _estimates(cfg: PurifyConfig, pre, views: Views, noisy, meta_idx, meta_label
         out[name] = cv_accuracy(corrector(p), meta_idx, meta_labels, c, folds, cfg.seed, prior)
         if params:
             out[name]["setting"] = params
-    timings["estimate"] = time.perf_counter() - t0
+    timings["estimate"] = timings.get("estimate", 0.0) + time.perf_counter() - t0
     return out
 
 

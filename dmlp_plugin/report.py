@@ -144,6 +144,43 @@ def _knn_table(entry: dict | None) -> list[str]:
     return lines + [""]
 
 
+def preprocessor_label(metrics: dict) -> str:
+    """The preprocessor's name as reports show it: ``auto (dmlp)`` names the candidate auto chose."""
+    auto = metrics.get("auto")
+    return f"{metrics['preprocessor']} ({auto['chosen']})" if isinstance(auto, dict) else str(metrics["preprocessor"])
+
+
+def auto_line(metrics: dict) -> str | None:
+    """One line: which candidate ``auto`` chose and why (None for another preprocessor)."""
+    auto = metrics.get("auto")
+    return f"auto {auto['reason']}" if isinstance(auto, dict) else None
+
+
+def auto_lines(metrics: dict) -> list[str]:
+    """The report section of ``auto``: its rule, and each candidate's estimate, paired difference from the first
+    candidate and seconds (and true accuracy when known, never used by the choice)."""
+    auto = metrics.get("auto")
+    if not isinstance(auto, dict):
+        return []
+    lines = ["## auto: which candidate and why", "", f"**{auto_line(metrics)}.**", "",
+             f"Rule: {auto['rule']}. Estimates: {auto['folds']}-fold cross-validation over the trusted subset, "
+             f"weights: {auto.get('weights', 'n/a')}; no true label is used.", "",
+             "| candidate | estimated | interval | vs first (points, P better) | setting | true (when known) | "
+             "seconds run + estimate |", "|---|---:|---|---|---|---:|---:|"]
+    for name, e in auto["candidates"].items():
+        est, v, s = e.get("estimate"), e.get("versus_incumbent"), e.get("setting")
+        interval = f"{est['low']:.4f} .. {est['high']:.4f}" if est else "n/a"
+        versus = f"{100 * v['difference']:+.1f}, {v['probability_better']:.3f}" if v else "(first)"
+        setting = f"k {s['k']}, views {s['views']}" if s else ""
+        shown = f"**{name}**" if name == auto["chosen"] else name
+        lines.append(f"| {shown} | {_fmt(est['estimate']) if est else 'n/a'} | {interval} | {versus} | {setting} | "
+                     f"{_fmt(e.get('label_accuracy_after'))} | {e['seconds']['run']:.1f} + "
+                     f"{e['seconds']['estimate']:.1f} |")
+    for name, why in auto.get("dropped", {}).items():
+        lines.append(f"| {name} | dropped | {why} | | | | |")
+    return lines + [""]
+
+
 def estimate_lines(metrics: dict) -> list[str]:
     """The report section of the accuracy estimated without true labels (``metrics["estimated_accuracy"]``),
     with the true accuracy beside it when known."""
@@ -158,8 +195,10 @@ def estimate_lines(metrics: dict) -> list[str]:
              f"{first['folds'] - 1}/{first['folds']} of the trusted labels); optimistic if the trusted samples were "
              f"picked for being easy (trusted.source knn_auto).", "",
              "| labels | estimated | interval | true (when known) |", "|---|---:|---|---:|"]
+    ran = (metrics.get("auto") or {}).get("candidates", {})  # auto's candidates: their own true accuracy
     for name, e in est.items():
         true = metrics.get("label_accuracy_after") if name == metrics.get("preprocessor") else \
+            ran[name].get("label_accuracy_after") if name in ran else \
             (metrics.get(name) or {}).get("label_accuracy_after") if isinstance(metrics.get(name), dict) else None
         lines.append(f"| {name} | {e['estimate']:.4f} | {e['low']:.4f} .. {e['high']:.4f} | {_fmt(true)} |")
     return lines + [""]
@@ -171,6 +210,7 @@ def write_purify_report(folder: Path, metrics: dict, result, art, class_names=()
     n = metrics
     lines += [
         f"- preprocessor: `{n['preprocessor']}`, seed {n['seed']}, device {n['device']}, world size {n['world_size']}",
+        *([f"- {auto_line(n)}"] if auto_line(n) else []),
         f"- samples: {n['num_samples']}, classes: {n['num_classes']}; trusted subset: {n['trusted']['size']} "
         f"({100 * n['trusted']['fraction']:.1f}%, source `{n['trusted']['source']}`)",
         f"- noise: `{n['noise']['kind']}`, requested rate {n['noise']['rate']}, measured flip rate "
@@ -187,7 +227,7 @@ def write_purify_report(folder: Path, metrics: dict, result, art, class_names=()
                   f"and trusted labels; their seconds are in the timings below and in the total.", "",
                   "| labels | accuracy | setting | seconds |", "|---|---:|---|---:|",
                   f"| noisy (before) | {metrics['label_accuracy_before']:.4f} | given labels | |",
-                  f"| **{metrics['preprocessor']}** (after) | **{metrics['label_accuracy_after']:.4f}** | "
+                  f"| **{preprocessor_label(metrics)}** (after) | **{metrics['label_accuracy_after']:.4f}** | "
                   f"{_params(result) or 'see config.yaml'} | {metrics['seconds'].get('purify', 0):.1f} |"]
         for name, e in comparisons(metrics):
             acc = e.get("label_accuracy_after")
@@ -208,6 +248,7 @@ def write_purify_report(folder: Path, metrics: dict, result, art, class_names=()
         lines += ["True labels are unknown here, so no accuracy is reported.", "",
                   f"Mean confidence {_fmt(metrics['mean_confidence'])}, mean neighbour agreement "
                   f"{_fmt(metrics['mean_neighbour_agreement'])}.", ""]
+    lines += auto_lines(metrics)
     lines += estimate_lines(metrics)
     lines += ["## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in metrics["seconds"].items()]

@@ -115,12 +115,42 @@ def test_neighbour_lists_do_not_depend_on_the_split_or_the_search_blocks():
     sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)
     top = np.argsort(-sims, axis=1, kind="stable")[:, :7]
-    g = _neighbour_graph([x, x2], DMLPConfig(neighbour_ks=(7,)), 0, 900, meta, "cpu")
+    g = _neighbour_graph([x, x2], DMLPConfig(neighbour_ks=(7,), neighbour_view="1"), 0, 900, meta, "cpu")
     agree = np.mean([len(set(a) & set(b)) / 7 for a, b in zip(top, g.idx.numpy())])
     assert agree > 0.999
     # more neighbours asked than rows: every other row
     tiny = _neighbour_graph([x[:5], x2[:5]], DMLPConfig(), 0, 5, np.array([0]), "cpu")
     assert tiny.idx.shape == (5, 4)
+
+
+def test_wide_views_are_searched_on_their_principal_directions():
+    from dmlp_plugin.purifier.dmlp import search_projections
+
+    rng = np.random.default_rng(0)
+    x, _ = clustered_features(600, 8, 3, spread=1.0, seed=4)  # 8-dim: never projected at dims 8
+    # a 40-dim view of rank 6 (plus nothing): its projection on 6 directions loses nothing
+    low = (rng.normal(size=(600, 6)) @ rng.normal(size=(6, 40))).astype(np.float32)
+    low /= np.linalg.norm(low, axis=1, keepdims=True)
+    proj = search_projections([x, low], "all", 8)
+    assert proj[0] is None and proj[1].shape == (40, 8)
+    assert search_projections([x, low], "1", 8) == [None, None]
+    assert search_projections([x, low], "all", 0) == [None, None]
+    meta = np.array([0, 5, 599])
+    full = _neighbour_graph([x, low], DMLPConfig(neighbour_ks=(9,), neighbour_dims=0), 0, 600, meta, "cpu")
+    cut = _neighbour_graph([x, low], DMLPConfig(neighbour_ks=(9,), neighbour_dims=8), 0, 600, meta, "cpu")
+    np.testing.assert_array_equal(full.idx.numpy(), cut.idx.numpy())
+    # a full-rank wide view: the projection is a real cut (lists change) but keeps most neighbours
+    wide = rng.normal(size=(600, 40)).astype(np.float32) + 3 * np.repeat(rng.normal(size=(3, 40)), 200, 0)
+    wide /= np.linalg.norm(wide, axis=1, keepdims=True)
+    a = _neighbour_graph([wide], DMLPConfig(neighbour_ks=(9,), neighbour_dims=0, num_views=1), 0, 600, meta, "cpu")
+    b = _neighbour_graph([wide], DMLPConfig(neighbour_ks=(9,), neighbour_dims=4, num_views=1), 0, 600, meta, "cpu")
+    same = np.mean([len(set(p) & set(q)) / 9 for p, q in zip(a.idx.numpy(), b.idx.numpy())])
+    assert 0.05 < same < 0.999
+    # split-independent with a projection, like without
+    cfg = DMLPConfig(neighbour_ks=(5,), neighbour_dims=8)
+    whole = _neighbour_graph([x, low], cfg, 0, 600, meta, "cpu")
+    parts = [_neighbour_graph([x, low], cfg, lo, hi, meta, "cpu", chunk=128) for lo, hi in ((0, 300), (300, 600))]
+    np.testing.assert_array_equal(whole.idx.numpy(), np.concatenate([p.idx.numpy() for p in parts]))
 
 
 @pytest.mark.parametrize("key, value, fix", [
@@ -139,6 +169,9 @@ def test_neighbour_lists_do_not_depend_on_the_split_or_the_search_blocks():
     ("neighbour_view", "3", "a view 1..2 or all"),
     ("neighbour_view", 0, "a view 1..2 or all"),
     ("neighbour_view", "both", "a view 1..2 or all"),
+    ("neighbour_dims", -1, "integer >= 0"),
+    ("neighbour_dims", 2.5, "integer >= 0"),
+    ("neighbour_dims", True, "integer >= 0"),
 ])
 def test_bad_neighbour_settings_are_one_line_user_errors(key, value, fix):
     with pytest.raises(UserError) as e:
@@ -154,8 +187,35 @@ def test_neighbour_settings_from_a_config():
                                                     "neighbour_votes": ["labels"], "neighbour_view": 2})
     assert (pre.neighbour_ks, pre.neighbour_powers, pre.neighbour_votes, pre.neighbour_view) == \
         ((0, 20), (1.0, 2.0), ("labels",), "2")
-    assert DMLPConfig().neighbour_ks == (0, 10, 30, 100) and DMLPConfig().neighbour_view == "1"
+    assert DMLPConfig().neighbour_ks == (0, 10, 30, 100, 300) and DMLPConfig().neighbour_view == "all"
+    assert DMLPConfig().neighbour_dims == 64
     with pytest.raises(UserError, match=r"preprocessor\.params\.neighbour_ks"):
         build_component("preprocessors", "dmlp", {"neighbour_ks": [0, -1]})
     with pytest.raises(UserError, match="neighbour_ks"):
         build_component("preprocessors", "dmlp", {"neighbour_ks": "ten"})
+
+
+def test_a_candidate_right_on_clearly_more_trusted_rows_replaces_the_likelihood_choice():
+    import torch
+
+    from dmlp_plugin.purifier.dmlp import clearly_better
+
+    def hits(right, m):
+        h = torch.zeros(m, dtype=torch.bool)
+        h[right] = True
+        return h
+
+    base = hits(list(range(800)), 1000)  # right on 800 of 1,000 trusted rows
+    # +30 net of 40 disagreements: 30 > 2 sqrt(40) = 12.6, a clear win
+    better = hits(list(range(5, 800)) + list(range(800, 835)), 1000)
+    assert clearly_better({"chosen": base, "b": better}, "chosen") == "b"
+    # +6 net of 20 disagreements (6 < 2 sqrt(20) = 8.9): noise, the choice stays
+    noise = hits(list(range(7, 800)) + list(range(800, 813)), 1000)
+    assert clearly_better({"chosen": base, "n": noise}, "chosen") is None
+    # a few dozen trusted rows: 3 more right and none worse is not enough (3 < 2 sqrt(3))
+    small = hits(list(range(30)), 40)
+    assert clearly_better({"chosen": small, "s": hits(list(range(33)), 40)}, "chosen") is None
+    # of two clear winners the one right on more rows; the choice itself never "beats" itself
+    best = hits(list(range(870)), 1000)
+    assert clearly_better({"chosen": base, "b": better, "best": best}, "chosen") == "best"
+    assert clearly_better({"chosen": base}, "chosen") is None
