@@ -95,7 +95,8 @@ def run_cell(kind: str, rate: float, seed: int, out: Path, threads: int, overrid
            "seconds": m["seconds"], "wall_seconds": time.perf_counter() - t0,
            "peak_rss_mib": _peak_rss_mib(), "peak_rss_after_features_mib": rss_features,
            "features": {k: v for k, v in m["features"].items() if k not in ("loss_history",)},
-           "comparisons": {}, "estimated_accuracy": m.get("estimated_accuracy")}
+           "comparisons": {}, "estimated_accuracy": m.get("estimated_accuracy"),
+           "dmlp_readout": m.get("preprocessor_info")}
     for name in COLUMNS[1:-1]:
         entry = m.get(name)
         if isinstance(entry, dict):
@@ -267,9 +268,9 @@ def cmd_report(args) -> None:
                                                   default=str) for k, v in comps.items())]
     md += ["", "## (b) A/B training grid", "", "`python benchmarks/fmnist.py ab` = `dmlp bench configs/fmnist-bench.yaml "
            f"--out {_rel(args.ab_out)}`", ""] + _ab_table(Path(args.ab_out))
-    published = RESULTS / "fmnist_published.md"
-    if published.exists():
-        md += ["", published.read_text().strip()]
+    for extra in ("fmnist_notes.md", "fmnist_published.md"):  # hand-written notes, then the published anchors
+        if (RESULTS / extra).exists():
+            md += ["", (RESULTS / extra).read_text().strip()]
     write_text(RESULTS / "fmnist.md", "\n".join(md) + "\n")
     write_json(RESULTS / "fmnist.json", {"purify": summary})
     print("\n".join(lines))
