@@ -40,6 +40,26 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarra
     return fold
 
 
+def class_weights(n_c: np.ndarray, class_prior: np.ndarray | None) -> np.ndarray:
+    """The weights (C,) of per-class accuracies: ``class_prior`` renormalised over the classes with a scored
+    sample (n_c > 0; a class with none cannot be estimated), or the scored samples' own shares when it is None
+    (or puts no weight on a scored class)."""
+    if class_prior is None:
+        return n_c / max(n_c.sum(), 1.0)
+    w = np.asarray(class_prior, dtype=np.float64).copy()
+    w[n_c == 0] = 0.0
+    return w / w.sum() if w.sum() > 0 else n_c / max(n_c.sum(), 1.0)
+
+
+def weighted_point(correct: np.ndarray, labels: np.ndarray, num_classes: int,
+                   class_prior: np.ndarray | None) -> float:
+    """The point estimate of :func:`weighted_accuracy` alone (no interval): sum_c w_c x_c / n_c."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n_c = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    x_c = np.bincount(labels, weights=np.asarray(correct, dtype=np.float64), minlength=num_classes)
+    return float(np.sum(class_weights(n_c, class_prior) * np.divide(x_c, n_c, out=np.zeros_like(x_c), where=n_c > 0)))
+
+
 def weighted_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int, class_prior: np.ndarray | None,
                       level: float = 0.9, draws: int = 4000, seed: int = 0) -> dict:
     """Class-weighted accuracy of scored samples (``correct`` (M,) bool, ``labels`` their classes) with its
@@ -49,12 +69,7 @@ def weighted_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int,
     labels = np.asarray(labels, dtype=np.int64)
     n_c = np.bincount(labels, minlength=num_classes).astype(np.float64)
     x_c = np.bincount(labels, weights=correct.astype(np.float64), minlength=num_classes)
-    if class_prior is None:
-        w = n_c / max(n_c.sum(), 1.0)
-    else:
-        w = np.asarray(class_prior, dtype=np.float64).copy()
-        w[n_c == 0] = 0.0  # a class with no scored sample cannot be estimated: renormalise over the others
-        w = w / w.sum() if w.sum() > 0 else n_c / max(n_c.sum(), 1.0)
+    w = class_weights(n_c, class_prior)
     seen = n_c > 0
     acc_c = np.divide(x_c, n_c, out=np.zeros_like(x_c), where=seen)
     rng = np.random.default_rng([seed, 12])

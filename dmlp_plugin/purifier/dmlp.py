@@ -562,25 +562,30 @@ def _neighbour_readout(cfg: "DMLPConfig", prior: torch.Tensor, pm: torch.Tensor,
             return torch.zeros(0, dtype=torch.bool)
         return ((sm * trans[:, meta_noisy].T).argmax(1) == meta_labels).cpu()
 
+    def posterior(vote, k, t):
+        """A neighbourhood candidate's prior s (rows), its trusted rows' sm (M, C), posterior q and transition."""
+        (local, trusted), (own, own_m) = sums[vote], selfs[vote]
+        s = _sharpen(_normalise(local[k] + own), t)
+        sm = _sharpen(_normalise(trusted[k] + own_m), t)
+        return (s, sm, *label_posterior(s, noisy, meta_loc, meta_loc_labels, cfg.transition_prior, dist=dist))
+
     cands = ([("heads", 0, 1.0)] if 0 in cfg.neighbour_ks else []) + [
         (vote, k, t) for vote in cfg.neighbour_votes for k in ks for t in cfg.neighbour_powers]
     scores: dict[str, float] = {}
     trusted_scores: dict[str, float] = {}
-    found: dict[str, tuple] = {}  # name: (vote, k, t, q, trusted hits), in candidate order
+    # name: (vote, k, t, trusted hits), in candidate order; a posterior is not kept (O(N C) each): the one picked
+    # is computed again at the end (the same inputs give the same floats)
+    found: dict[str, tuple] = {}
     best, heads = None, None
     for vote, k, t in cands:
         if k == 0:
-            q, trans, (sg, st) = q0, trans0, score(prior, pm, trans0)
-            sm = pm
+            sm, trans, (sg, st) = pm, trans0, score(prior, pm, trans0)
         else:
-            (local, trusted), (own, own_m) = sums[vote], selfs[vote]
-            s = _sharpen(_normalise(local[k] + own), t)
-            sm = _sharpen(_normalise(trusted[k] + own_m), t)
-            q, trans = label_posterior(s, noisy, meta_loc, meta_loc_labels, cfg.transition_prior, dist=dist)
+            s, sm, _, trans = posterior(vote, k, t)
             sg, st = score(s, sm, trans)
         name = f"{vote} k={k} power={t:g}"
         scores[name], trusted_scores[name] = sg + st, st
-        found[name] = (vote, k, t, q, hits(sm, trans))
+        found[name] = (vote, k, t, hits(sm, trans))
         if k == 0:
             heads = (st, name)
         elif best is None or sg + st > best[0] + _SCORE_TIE:
@@ -591,9 +596,10 @@ def _neighbour_readout(cfg: "DMLPConfig", prior: torch.Tensor, pm: torch.Tensor,
     # score lower); the labels are argmaxes, so a candidate whose posterior names the trusted label on clearly more
     # trusted rows replaces the choice: paired on the same rows, wins - losses > z * sqrt(wins + losses) (a sign
     # test, z = _SWITCH_Z); of several such, the one right on the most trusted rows (ties: the earlier)
-    switched = clearly_better({name: f[4] for name, f in found.items()}, chosen)
-    vote, k, t, q, _ = found[switched or chosen]
-    trusted_accuracy = {name: float(f[4].float().mean()) if m else None for name, f in found.items()}
+    switched = clearly_better({name: f[3] for name, f in found.items()}, chosen)
+    vote, k, t, _ = found[switched or chosen]
+    q = q0 if k == 0 else posterior(vote, k, t)[2]
+    trusted_accuracy = {name: float(f[3].float().mean()) if m else None for name, f in found.items()}
     return q, {"neighbour_vote": vote, "neighbour_k": k, "neighbour_power": t, "log_likelihood": scores,
                "trusted_log_likelihood": trusted_scores, "trusted_accuracy": trusted_accuracy,
                "switched_from": chosen if switched else None, "neighbour_seconds": graph.seconds, "heads_soft": q0}
@@ -827,8 +833,7 @@ def purify(views: list[np.ndarray] | list[torch.Tensor], noisy: np.ndarray, meta
     meta_np = np.asarray(meta_idx, dtype=np.int64)
 
     def rows(v, sel):
-        arr = v[sel].numpy() if torch.is_tensor(v) else np.asarray(v[sel])
-        return torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32)).to(device)
+        return torch.as_tensor(_rows(v, sel)).to(device)
 
     xs = [rows(v, slice(lo, hi)) for v in views]
     xms = [rows(v, meta_np) for v in views]

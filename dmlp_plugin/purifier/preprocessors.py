@@ -355,6 +355,8 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, labels: np.n
     a Dirichlet(1/2, 1/2, 1/2) posterior per class over (a right and b wrong, b right and a wrong, the same).
     Pairing removes what both get right or wrong alike, so a real difference shows with far fewer samples than
     two separate intervals need."""
+    from dmlp_plugin.estimate import class_weights  # noqa: PLC0415
+
     a = np.asarray(correct_a, dtype=bool)
     b = np.asarray(correct_b, dtype=bool)
     labels = np.asarray(labels, dtype=np.int64)
@@ -362,12 +364,7 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, labels: np.n
     a_only = np.bincount(labels, weights=(a & ~b).astype(np.float64), minlength=num_classes)
     b_only = np.bincount(labels, weights=(b & ~a).astype(np.float64), minlength=num_classes)
     seen = n_c > 0
-    if class_prior is None:
-        w = n_c / max(n_c.sum(), 1.0)
-    else:
-        w = np.asarray(class_prior, dtype=np.float64).copy()
-        w[~seen] = 0.0
-        w = w / w.sum() if w.sum() > 0 else n_c / max(n_c.sum(), 1.0)
+    w = class_weights(n_c, class_prior)
     rng = np.random.default_rng([seed, 13])
     diff = np.zeros(draws)
     for c in np.flatnonzero(seen):
@@ -378,16 +375,6 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, labels: np.n
     return {"difference": est, "low": float(lo), "high": float(hi), "level": level,
             "probability_better": float(np.mean(diff > 0)), "only_this_right": int(a_only.sum()),
             "only_other_right": int(b_only.sum())}
-
-
-def _weighted_point(correct: np.ndarray, labels: np.ndarray, num_classes: int, class_prior) -> float:
-    """The point estimate of :func:`dmlp_plugin.estimate.weighted_accuracy` (no interval: the k/views search)."""
-    n_c = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    x_c = np.bincount(labels, weights=np.asarray(correct, dtype=np.float64), minlength=num_classes)
-    w = np.asarray(class_prior, dtype=np.float64).copy()
-    w[n_c == 0] = 0.0
-    w = w / w.sum() if w.sum() > 0 else n_c / max(n_c.sum(), 1.0)
-    return float(np.sum(w * np.divide(x_c, n_c, out=np.zeros_like(x_c), where=n_c > 0)))
 
 
 def _jsonable(info: dict) -> dict:
@@ -431,7 +418,7 @@ class Auto:
     confidence: float = 0.95
 
     def __post_init__(self):
-        names = [str(n) if not isinstance(n, str) else n for n in self.candidates]
+        names = [str(n) for n in self.candidates]
         if not names:
             raise UserError(f"preprocessor.params.candidates=[] gives auto nothing to choose from; list some of "
                             f"{', '.join(AUTO_CANDIDATES)}")
@@ -620,7 +607,7 @@ class Auto:
         search per view set at the largest k, votes recomputed only at the held-out rows for each trusted
         subset. Returns (estimate, held-out correctness (M,), setting, the KnnVote at the setting picked over
         the whole trusted subset)."""
-        from dmlp_plugin.estimate import stratified_folds, weighted_accuracy  # noqa: PLC0415
+        from dmlp_plugin.estimate import stratified_folds, weighted_accuracy, weighted_point  # noqa: PLC0415
 
         base = self._built["knn_vote"]
         given = self.knn_vote or {}
@@ -662,7 +649,7 @@ class Auto:
                 return (base.views, base.k) if (base.views, base.k) in settings else settings[0]
             right, prob = scored(t_idx, t_lab, stratified_folds(t_lab, folds, seed), settings)
             # ties: the higher mean vote for the trusted label, then the first in grid order (views, then k)
-            return max(settings, key=lambda s: (round(_weighted_point(right[s], t_lab, c, prior), 12),
+            return max(settings, key=lambda s: (round(weighted_point(right[s], t_lab, c, prior), 12),
                                                  round(float(prob[s].mean()), 12)))
 
         meta_idx = np.asarray(inp.meta_idx, dtype=np.int64)
