@@ -14,16 +14,22 @@ while it runs, so rerunning the command skips finished runs and resumes a killed
 everything that decides its result (method settings, arm, noise, seed, trusted subset, preprocessor,
 features, data): a changed config reruns what it changes. ``DIR/results.json`` / ``results.csv`` are
 rewritten after every run; ``DIR/report.md`` and the plots at the end (:mod:`dmlp_plugin.bench_report`).
+
+Names that become folders (method labels, noise tags) are checked first (letters, digits, ``.``, ``_``,
+``-``; no leading dot, no ``..``), and every write or delete is checked to stay inside ``DIR`` (links
+followed). ``DIR/.dmlp-bench.lock`` keeps a second run out of ``DIR`` while one runs (its checkpoints are
+that run's alone); a lock left by a killed run is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import io
 import json
-import shutil
+import re
 import string
 import time
 from dataclasses import dataclass
@@ -31,10 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dmlp_plugin.config import ARMS, BenchConfig, MethodConfig, NoiseConfig, PurifyConfig, to_dict
-from dmlp_plugin.distributed import Dist, current
+from dmlp_plugin.atomic import exclusive, inside, remove_tree
+from dmlp_plugin.config import ARMS, BenchConfig, MethodConfig, NoiseConfig, PurifyConfig, check_name, check_values, to_dict
+from dmlp_plugin.distributed import Dist, current, launcher_rank
 from dmlp_plugin.errors import UserError
-from dmlp_plugin.hardware import resolve_device
+from dmlp_plugin.hardware import apply_threads, resolve_device, threads_info
 from dmlp_plugin.registry import load_registry
 
 FORMAT_VERSION = 1
@@ -47,8 +54,9 @@ NOISE_RATE_MODES = ("known", "none")
 
 def noise_tag(noise: NoiseConfig) -> str:
     """A short folder-safe name of a noise setting, e.g. ``symmetric-80`` or ``human-aggre_label``."""
-    if noise.kind == "human":
-        return f"human-{noise.key or Path(noise.file or 'labels').stem}"
+    if noise.kind == "human":  # the file's name or key, with what cannot be in a folder name made '_'
+        name = re.sub(r"[^A-Za-z0-9._-]+|\.\.+", "_", noise.key or Path(noise.file or "labels").stem)
+        return f"human-{name[:60]}"
     if noise.kind == "none":
         return "none"
     tag = f"{noise.kind}-{round(noise.rate * 100):d}"
@@ -99,9 +107,11 @@ def validate_bench(cfg: BenchConfig) -> dict:
         raise UserError("seeds is empty; give at least one seed, e.g. seeds: [0, 1]")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise UserError(f"seeds={cfg.seeds} lists a seed twice; list each seed once")
+    check_values(cfg)
     if not cfg.noise:
         raise UserError("noise is empty; give at least one setting, e.g. noise: [{kind: symmetric, rate: 0.8}]")
-    tags = [noise_tag(n) for n in cfg.noise]
+    tags = [check_name(noise_tag(n), f"noise[{i}]'s folder name", f"noise kind {n.kind!r} gives no folder-safe "
+                       f"name") for i, n in enumerate(cfg.noise)]
     if len(set(tags)) != len(tags):
         raise UserError(f"noise lists one setting twice ({', '.join(tags)}); list each once")
     if not cfg.arms:
@@ -118,7 +128,9 @@ def validate_bench(cfg: BenchConfig) -> dict:
     built = {"purify": pipeline.validate(purify_config(cfg, cfg.noise[0], cfg.seeds[0]))}
     for n in cfg.noise[1:]:
         pipeline.validate(purify_config(cfg, n, cfg.seeds[0]))
-    labels = [method_label(m) for m in cfg.methods]
+    labels = [check_name(method_label(m), f"methods[{i}].{'label' if m.label else 'name'}",
+                         "give the entry a plain label (methods[i].label), e.g. ce-long")
+              for i, m in enumerate(cfg.methods)]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise UserError(f"methods lists {dup[0]!r} twice; give each entry its own label (methods[i].label)")
@@ -315,7 +327,7 @@ def _purify_cell(cfg: BenchConfig, noise: NoiseConfig, seed: int, data, views, b
     pcfg = purify_config(cfg, noise, seed)
     key = _hash({"format": FORMAT_VERSION, "config": to_dict(pcfg), "features": views.provenance,
                  "data": data.train.fingerprint()})
-    folder = out / "purify" / f"{noise_tag(noise)}-s{seed}"
+    folder = inside(out, out / "purify" / f"{noise_tag(noise)}-s{seed}")
     dist.barrier()  # every process reads what process 0 has written so far
     metrics = _read_json(folder / "metrics.json")
     if metrics is not None and metrics.get("bench_key") == key and (folder / "labels.npz").is_file():
@@ -334,7 +346,7 @@ def _purify_cell(cfg: BenchConfig, noise: NoiseConfig, seed: int, data, views, b
     dist.barrier()
     if dist.is_main:
         for f in folder.glob("purifier-checkpoint-*"):
-            f.unlink(missing_ok=True)
+            inside(out, f).unlink(missing_ok=True)
     return p.artifact, metrics, key
 
 
@@ -345,7 +357,7 @@ def _train_cell(spec: RunSpec, trainer, art, data, cfg: BenchConfig, device: str
     from baselines.common import TrainData  # noqa: PLC0415
     from dmlp_plugin.atomic import write_json  # noqa: PLC0415
 
-    folder = out / "runs" / spec.run_id
+    folder = inside(out, out / "runs" / spec.run_id)
     labels = arm_labels(spec.arm, art)
     # a run depends on what it trains on: the training labels themselves (not on how they were made, so a
     # noisy arm, or a purified arm whose labels came out the same, is reused after a purifier change)
@@ -366,7 +378,7 @@ def _train_cell(spec: RunSpec, trainer, art, data, cfg: BenchConfig, device: str
                    noise_rate_source="known: measured against the true labels (oracle)" if known else None)
     ckpt = folder / "checkpoint"
     if done is not None and dist.is_main:  # a finished run of other settings: start this one afresh
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder, out)
     dist.barrier()
     dev = "cuda" if device.startswith("cuda") else "cpu"
     res = trainer.run(td, device=dev, seed=spec.seed, progress=progress, checkpoint_dir=ckpt, true_labels=truth)
@@ -376,11 +388,11 @@ def _train_cell(spec: RunSpec, trainer, art, data, cfg: BenchConfig, device: str
         "noise_tag": noise_tag(spec.noise), "test_accuracy": float(res.test_accuracy),
         "seconds": float(res.seconds), "label_accuracy": None if wrong is None else 1.0 - wrong,
         "trusted_size": int(art.meta_indices.size), "run_id": spec.run_id, "key": key,
-        "curve": res.curve, "info": res.info,
+        "curve": res.curve, "info": res.info, "threads": threads_info()["used"],
     }
     if dist.is_main:
         write_json(folder / "result.json", record)
-        shutil.rmtree(ckpt, ignore_errors=True)  # finished: the checkpoint is no longer needed
+        remove_tree(ckpt, out)  # finished: the checkpoint is no longer needed
     return record
 
 
@@ -403,15 +415,12 @@ def results_csv(records: list[dict]) -> str:
 
 def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progress: bool = True) -> list[dict]:
     """Run (or resume) the grid of ``cfg`` into ``out``; returns the run records in grid order."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     from dmlp_plugin import pipeline  # noqa: PLC0415
-    from dmlp_plugin.atomic import write_json, write_text  # noqa: PLC0415
-    from dmlp_plugin.bench_report import write_bench_report  # noqa: PLC0415
 
     out = Path(out)
     pipeline.check_out_dir(out)
     built = validate_bench(cfg)
+    apply_threads(cfg.threads, warn=launcher_rank() == 0)  # once for the grid, before any torch work
     device = resolve_device(cfg.device)
     dist = current(device)  # under accelerate launch / torchrun: sharded purification, data-parallel training
     progress = progress and dist.is_main
@@ -427,8 +436,24 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
     t0 = time.perf_counter()
     views = None if given else pipeline.make_views(first, data, device, built["purify"], progress)  # every process
     feature_seconds = time.perf_counter() - t0
+    hold = contextlib.ExitStack()  # one run at a time in ``out``: its checkpoints are this run's alone
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        hold.enter_context(exclusive(out / ".dmlp-bench.lock", f"the benchmark in {str(out)!r}"))
+    with hold:
+        return _run_grid(cfg, out, raw, progress, built, device, dist, data, given, views, feature_seconds)
+
+
+def _run_grid(cfg: BenchConfig, out: Path, raw, progress: bool, built: dict, device: str, dist: Dist, data,
+              given, views, feature_seconds: float) -> list[dict]:
+    """Every run of the grid (reused, resumed or run), then the results, the summary and the report."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from dmlp_plugin import pipeline  # noqa: PLC0415
+    from dmlp_plugin.atomic import write_json, write_text  # noqa: PLC0415
+    from dmlp_plugin.bench_report import write_bench_report  # noqa: PLC0415
+
+    if dist.is_main:
         write_text(out / "config.yaml", pipeline.yaml_dump(raw or to_dict(cfg)))
 
     specs = grid(cfg)
@@ -472,7 +497,7 @@ def bench_run(cfg: BenchConfig, out: str | Path, raw: dict | None = None, progre
                "trusted": to_dict(cfg.trusted), "noise_rate": cfg.noise_rate, "seeds": list(cfg.seeds),
                "arms": list(cfg.arms), "dataset": cfg.dataset.name,
                "n_train": len(data.train), "n_test": len(data.test), "num_classes": data.train.num_classes,
-               "world_size": dist.world_size}
+               "world_size": dist.world_size, "threads": threads_info()}
     if dist.is_main:
         write_json(out / "purification.json", purifications)
         write_bench_report(out, records, purifications, summary)

@@ -59,12 +59,13 @@ def _signed(x, std=None) -> str:
 
 
 def plot_arms(rows: list[dict], path: Path) -> None:
-    """Grouped bars: test accuracy per method and arm (mean, error bar = std over seeds), one panel per
-    noise setting."""
+    """Grouped bars: test accuracy per method and arm, one panel per noise setting. The y-axis starts at 0
+    (a cut axis exaggerates gaps); each bar carries its value; error bars (std over seeds) only where a row has
+    two seeds or more."""
     plt = _plt()
     tags = _order(r["noise_tag"] for r in rows)
-    fig, axes = plt.subplots(1, len(tags), figsize=(max(5.5, 1.4 * len(_order(r["method"] for r in rows)) + 2) * len(tags) ** 0.5 + 1, 3.8),
-                             squeeze=False)
+    width_in = max(5.5, 1.4 * len(_order(r["method"] for r in rows)) + 2)
+    fig, axes = plt.subplots(1, len(tags), figsize=(width_in * len(tags) ** 0.5 + 1, 4.0), squeeze=False)
     for ax, tag in zip(axes[0], tags):
         sub = [r for r in rows if r["noise_tag"] == tag]
         methods, arms = _order(r["method"] for r in sub), _order(r["labels"] for r in sub)
@@ -72,17 +73,21 @@ def plot_arms(rows: list[dict], path: Path) -> None:
         for j, arm in enumerate(arms):
             ys = [next((r for r in sub if r["method"] == m and r["labels"] == arm), None) for m in methods]
             xs = np.arange(len(methods)) + (j - (len(arms) - 1) / 2) * width
-            ax.bar(xs, [100 * y["test_accuracy_mean"] if y else 0 for y in ys], width,
-                   yerr=[100 * y["test_accuracy_std"] if y else 0 for y in ys], capsize=3, label=arm,
-                   color=ARM_COLORS.get(arm))
+            vals = [100 * y["test_accuracy_mean"] if y else 0 for y in ys]
+            errs = [100 * y["test_accuracy_std"] if y and y["n"] > 1 else 0 for y in ys]
+            bars = ax.bar(xs, vals, width, yerr=errs if any(errs) else None, capsize=3, label=arm,
+                          color=ARM_COLORS.get(arm))
+            ax.bar_label(bars, labels=[f"{v:.1f}" if y else "" for v, y in zip(vals, ys)], fontsize=7, padding=2)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=20, fontsize=8)
-        lo = min(100 * r["test_accuracy_mean"] for r in sub)
-        ax.set_ylim(max(0, lo - 15), 100)
-        ax.set_title(f"noise {tag}")
+        ax.set_ylim(0, 105)
+        seeds = sorted({r["n"] for r in sub})
+        ax.set_title(f"noise {tag} ({'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}"
+                     f"{', bars: ± std' if max(seeds) > 1 else ''})", fontsize=10)
         ax.set_ylabel("test accuracy, last epoch (%)")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("Test accuracy per method: noisy vs purified training labels", fontsize=11)
     save_figure(fig, path)
 
 
@@ -96,8 +101,9 @@ def plot_deltas(rows: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(sub) + 1.5), 3.8))
     vals = [100 * r["delta_mean"] for r in sub]
     errs = [100 * (r["delta_std"] or 0) for r in sub]
-    ax.bar(range(len(sub)), vals, yerr=errs, capsize=3,
-           color=["tab:green" if v >= 0 else "tab:red" for v in vals])
+    bars = ax.bar(range(len(sub)), vals, yerr=errs if any(errs) else None, capsize=3,
+                  color=["tab:green" if v >= 0 else "tab:red" for v in vals])
+    ax.bar_label(bars, labels=[f"{v:+.1f}" for v in vals], fontsize=7, padding=2)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(sub)))
     ax.set_xticklabels(labels, fontsize=7)
@@ -135,6 +141,61 @@ def plot_curves(records: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def text_table(rows: list[dict], verbose: bool = False) -> list[str]:
+    """The results as an aligned text table for the terminal (``verbose``: label accuracy and seconds too)."""
+    head = ["noise", "method", "labels", "test acc (%)", "delta"] + (["label acc", "s/run"] if verbose else [])
+    body = []
+    for r in rows:
+        acc = f"{100 * r['test_accuracy_mean']:.2f}" + (f" ± {100 * r['test_accuracy_std']:.2f}" if r["n"] > 1 else "")
+        cells = [r["noise_tag"], r["method"], r["labels"], acc, _signed(r["delta_mean"])]
+        if verbose:
+            cells += [_pct(r["label_accuracy_mean"]), f"{r['seconds_mean']:.1f}"]
+        body.append(cells)
+    return aligned([head, *body], numeric_from=3)
+
+
+def aligned(table: list[list[str]], numeric_from: int) -> list[str]:
+    """Rows of cells as text lines with aligned columns: text left-aligned, columns from ``numeric_from`` on
+    (numbers) right-aligned."""
+    widths = [max(len(c) for c in col) for col in zip(*table)]
+    return ["  ".join(c.rjust(w) if i >= numeric_from else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in table]
+
+
+def _artifact_of(folder: Path, name: str, given: str | None) -> Path:
+    """Where the labels artifact of purification cell ``name`` (``<noise tag>-s<seed>``) lies."""
+    if not given:
+        return folder / "purify" / name / "labels.npz"
+    tag, _, seed = name.rpartition("-s")
+    return Path(given.replace("{noise}", tag).replace("{seed}", seed))
+
+
+def transition_section(folder: Path, purifications: dict, given: str | None, class_names=()) -> list[str]:
+    """Transition matrices before and after purification for the first seed of each noise setting (from the
+    cells' labels artifacts; cells whose artifact is gone or has no true labels are skipped)."""
+    from dmlp_plugin.artifacts import load_labels  # noqa: PLC0415
+    from dmlp_plugin.errors import UserError  # noqa: PLC0415
+    from dmlp_plugin.report import plot_transitions  # noqa: PLC0415
+
+    lines, done = [], set()
+    for name in purifications:
+        tag = name.rpartition("-s")[0]
+        if tag in done:
+            continue
+        try:
+            art = load_labels(_artifact_of(folder, name, given))
+        except UserError:
+            continue
+        if art.true_labels is None:
+            continue
+        done.add(tag)
+        png = f"transition_{tag}.png"
+        plot_transitions(art.true_labels, art.noisy, art.hard, art.num_classes, folder / png, class_names,
+                         f"Noise transition before and after purification: {name}")
+        lines += [f"![transition matrices, {name}]({png})", ""]
+    return ["## Noise transition matrices, before and after purification", ""] + lines if lines else []
+
+
 def _comparison_cell(entry: dict | None) -> str:
     """A comparison's label accuracy (%), or why there is none (``not installed: pip install ...``)."""
     if not entry:
@@ -142,6 +203,29 @@ def _comparison_cell(entry: dict | None) -> str:
     if entry.get("label_accuracy_after") is None and entry.get("status"):
         return str(entry["status"])
     return _pct(entry.get("label_accuracy_after"))
+
+
+def _purification_lines(purifications: dict) -> list[str]:
+    """The report's purification table: every cell's label accuracies, knn_vote's setting and the seconds."""
+    lines = ["## Purification", "",
+             "Label accuracy on the untrusted training samples (%). knn_vote: the best (k, views) of its grid, "
+             "chosen with the true labels (flatters it); cleanlab: 5-fold logistic regression + "
+             "`find_label_issues`, flagged rows relabelled. Seconds: the purifier, then all comparisons.", "",
+             "| noise, seed | noisy labels | purified | knn_vote | knn k, views | trusted_only | cleanlab | "
+             "purify s | comparisons s |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for name, m in purifications.items():
+        knn = m.get("knn_vote") or {}
+        where = f"{knn['k']}, {knn['views']}" if "k" in knn and "views" in knn else (
+            f"{knn['best_k']}, 1" if "best_k" in knn else "")  # best_k: metrics written before the views sweep
+        sec = m.get("seconds", {})
+        lines.append(f"| {name} | {_pct(m.get('label_accuracy_before'))} | {_pct(m.get('label_accuracy_after'))} | "
+                     f"{_pct(knn.get('label_accuracy_after'))} | {where} | "
+                     f"{_pct((m.get('trusted_only') or {}).get('label_accuracy_after'))} | "
+                     f"{_comparison_cell(m.get('cleanlab'))} | {sec.get('purify', 0):.1f} | "
+                     f"{sum(v for k, v in sec.items() if k.startswith('compare_')):.1f} |")
+    lines.append("")
+    return lines
 
 
 def write_bench_report(folder: Path, records: list[dict], purifications: dict, summary: dict) -> None:
@@ -187,24 +271,8 @@ def write_bench_report(folder: Path, records: list[dict], purifications: dict, s
     plot_curves(records, folder / "curves.png")
     lines += ["## Training curves", "", "![test accuracy per epoch](curves.png)", ""]
     if purifications:
-        lines += ["## Purification", "",
-                  "Label accuracy on the untrusted training samples (%). knn_vote: the best (k, views) of its grid, "
-                  "chosen with the true labels (flatters it); cleanlab: 5-fold logistic regression + "
-                  "`find_label_issues`, flagged rows relabelled. Seconds: the purifier, then all comparisons.", "",
-                  "| noise, seed | noisy labels | purified | knn_vote | knn k, views | trusted_only | cleanlab | "
-                  "purify s | comparisons s |",
-                  "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
-        for name, m in purifications.items():
-            knn = m.get("knn_vote") or {}
-            where = f"{knn['k']}, {knn['views']}" if "k" in knn and "views" in knn else (
-                f"{knn['best_k']}, 1" if "best_k" in knn else "")  # best_k: metrics written before the views sweep
-            sec = m.get("seconds", {})
-            lines.append(f"| {name} | {_pct(m.get('label_accuracy_before'))} | {_pct(m.get('label_accuracy_after'))} | "
-                         f"{_pct(knn.get('label_accuracy_after'))} | {where} | "
-                         f"{_pct((m.get('trusted_only') or {}).get('label_accuracy_after'))} | "
-                         f"{_comparison_cell(m.get('cleanlab'))} | {sec.get('purify', 0):.1f} | "
-                         f"{sum(v for k, v in sec.items() if k.startswith('compare_')):.1f} |")
-        lines.append("")
+        lines += _purification_lines(purifications)
+        lines += transition_section(folder, purifications, pre.get("given"))
     labels_at = (f"`{pre['given']}` (the given purified labels of each cell)" if pre.get("given") else
                  "`purify/<noise>-s<seed>/labels.npz` (the purified labels of each cell)")
     lines += [f"Files: `results.json` / `results.csv` (one row per run), `purification.json`, {labels_at}, "

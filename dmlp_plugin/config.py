@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,10 +82,25 @@ class PreprocessorConfig:
     """A registry name under ``preprocessors`` and its parameters. ``auto`` runs several (``params.candidates``,
     default dmlp, knn_vote, cleanlab, trusted_only; each one's parameters under its name, e.g.
     ``params: {dmlp: {epochs: 60}}``) and keeps the one with the best label accuracy estimated without true
-    labels (``checks.estimate_folds``); see :class:`dmlp_plugin.purifier.preprocessors.Auto`."""
+    labels (``checks.estimate_folds``); see :class:`dmlp_plugin.purifier.preprocessors.Auto`.
+
+    ``params_for``: parameters kept per preprocessor name (``{dmlp: {epochs: 60}, knn_vote: {k: 50}}``); only
+    the entry of the preprocessor named is used (names are checked against the registry), with ``params`` on
+    top of it, so a config switches preprocessor by ``--set preprocessor.name=...`` alone. After building,
+    ``params`` holds the merged parameters."""
 
     name: str = "dmlp"
     params: dict = field(default_factory=dict)
+    params_for: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key, value in self.params_for.items():
+            if not isinstance(value, dict):
+                raise UserError(f"preprocessor.params_for.{key}: expected a mapping of {key}'s parameters, got "
+                                f"{value!r}")
+        own = self.params_for.get(self.name) or {}
+        if own and isinstance(self.params, dict):
+            object.__setattr__(self, "params", {**own, **self.params})
 
 
 @dataclass(frozen=True)
@@ -111,10 +127,12 @@ class ChecksConfig:
 
 @dataclass(frozen=True)
 class PurifyConfig:
-    """A ``dmlp purify`` run."""
+    """A ``dmlp purify`` run. threads: CPU threads of torch and faiss (``auto``: the CPUs this process may use,
+    shared among a launch's processes; see :func:`dmlp_plugin.hardware.auto_threads`), or a count."""
 
     seed: int = 0
     device: str = "auto"
+    threads: int | str = "auto"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     trusted: TrustedConfig = field(default_factory=TrustedConfig)
@@ -158,6 +176,7 @@ class BenchConfig:
 
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     device: str = "auto"
+    threads: int | str = "auto"  # as PurifyConfig.threads; set once for the whole grid
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     noise: list[NoiseConfig] = field(default_factory=lambda: [NoiseConfig(rate=0.8)])
     trusted: TrustedConfig = field(default_factory=TrustedConfig)
@@ -268,12 +287,109 @@ def to_dict(obj) -> dict:
 # YAML files and overrides
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings: 1 MiB is far more than any needs
+MAX_NODES = 100_000  # YAML nodes after expanding aliases (a "billion laughs" bomb expands to 10**9)
+MAX_DEPTH = 64  # nesting levels of mappings and lists
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (no tags that build objects) that refuses duplicate keys, reads numbers
+    as YAML 1.2 does (``010`` is 10, ``1:30`` a string, not 8 and 90; ``1e-3`` a number) and caps the
+    nesting depth and the number of nodes after alias expansion."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"nesting deeper than {MAX_DEPTH} levels; flatten the config", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node):
+        if _expanded_size(node, {}) > MAX_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"more than {MAX_NODES} values once its aliases (*name) are expanded; write the "
+                            f"settings out without nested aliases", node.start_mark)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True) if key_node.tag != "tag:yaml.org,2002:merge" else "<<"
+                if key != "<<" and isinstance(key, typing.Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); give each key once",
+                        key_node.start_mark)
+                if isinstance(key, typing.Hashable):
+                    seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes under ``node`` with every alias expanded (memoised on shared nodes: linear in the file)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # (a recursive alias counts once; construction handles it)
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_NODES + 1)
+    return memo[id(node)]
+
+
+# YAML 1.2 core schema numbers instead of YAML 1.1's (octal 010, base-60 1:30, 1_000)
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int",
+                                                                              "tag:yaml.org,2002:float")]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+
+
+def _construct_int(loader, node):
+    text = loader.construct_scalar(node)
+    sign = -1 if text.startswith("-") else 1
+    body = text.lstrip("+-")
+    base = 16 if body.startswith("0x") else 8 if body.startswith("0o") else 10
+    return sign * int(body[2:] if base != 10 else body, base)
+
+
+def _construct_float(loader, node):
+    return float(loader.construct_scalar(node).lower().replace(".inf", "inf").replace(".nan", "nan"))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def yaml_load(text: str):
+    """``yaml.safe_load`` with :class:`_Loader`'s checks (raises yaml.YAMLError)."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} not found; pass the path of a YAML config, e.g. configs/purify-digits.yaml")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {str(path)!r} is {size / 2**20:.1f} MiB, more than a config's limit of "
+                        f"{MAX_CONFIG_BYTES // 2**20} MiB; put large data (indices, labels) in .npy files it names")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -301,7 +417,9 @@ def apply_overrides(data: dict, overrides: list[str], schema) -> dict:
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_load(raw) if raw.strip() else ""
+        except yaml.constructor.ConstructorError as e:  # a duplicate key, a tag, a bomb: not a plain string
+            raise UserError(f"--set {key.strip()}: {e.problem}") from None
         except yaml.YAMLError:
             value = raw
         parts = key.split(".")
@@ -334,3 +452,86 @@ def load_config(path: str | Path, overrides: list[str] | None = None, schema=Pur
     """Read a YAML config, apply overrides, validate it into ``schema``; returns (config, raw dict)."""
     data = apply_overrides(read_yaml(path), overrides or [], schema)
     return from_mapping(schema, data), data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# values no component could run with (checked before any work, by pipeline.validate and bench.validate_bench)
+
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding both take it; larger ones overflow somewhere downstream
+MAX_EPOCHS = 10_000
+MAX_VIEW_DIM = 65_536
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_name(name: str, where: str, fix: str) -> str:
+    """A name that becomes a file or folder name: letters, digits, ``.``, ``_`` and ``-``, not starting with a
+    dot, without ``..``, at most 100 characters; else UserError naming it and ``fix``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name or len(name) > 100:
+        raise UserError(f"{where}={name!r} cannot name a folder: use letters, digits, '.', '_' and '-' (not a "
+                        f"leading '.', no '..', at most 100 characters); {fix}")
+    return name
+
+
+MAX_THREADS = 1024
+
+
+def check_threads(value) -> None:
+    """``threads``: ``auto`` or an integer 1..MAX_THREADS; else UserError."""
+    ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_THREADS)
+    if not ok:
+        raise UserError(f"threads={value!r} is not a thread count; use auto (the CPUs this process may use, shared "
+                        f"among a launch's processes) or an integer 1..{MAX_THREADS}, e.g. --threads 2")
+
+
+def check_seed(seed: int, where: str) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{where}={seed} is outside 0..{MAX_SEED}; give a non-negative seed such as 0")
+
+
+def _epochs(params, where: str):
+    """(dotted key, value) of every ``epochs`` setting in a free-form params mapping (nested: ``auto``)."""
+    if not isinstance(params, dict):
+        return
+    for k, v in params.items():
+        if k == "epochs":
+            yield f"{where}.epochs", v
+        elif isinstance(v, dict):
+            yield from _epochs(v, f"{where}.{k}")
+
+
+def check_epochs(params: dict, where: str) -> None:
+    """Refuse an epoch count that would run for days (wrong types are left to the component's own check)."""
+    for key, v in _epochs(params, where):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > MAX_EPOCHS:
+            years = v / (365 * 86400)
+            raise UserError(f"{key}={v} is more than the {MAX_EPOCHS} epochs allowed (at even one second an "
+                            f"epoch it would run {years:,.0f} years); give a count such as 100")
+
+
+def check_values(cfg) -> None:
+    """Settings of a PurifyConfig or BenchConfig that are the right type but no run could use: UserError."""
+    seeds = [("seed", cfg.seed)] if hasattr(cfg, "seed") else [(f"seeds[{i}]", s) for i, s in enumerate(cfg.seeds)]
+    for where, s in seeds:
+        check_seed(s, where)
+    check_threads(getattr(cfg, "threads", "auto"))
+    t = cfg.trusted
+    if t.size != t.size or t.size in (float("inf"), float("-inf")):
+        raise UserError(f"trusted.size={t.size} is not a number of samples; give a fraction (< 1) or a count (>= 1)")
+    if t.k < 1:
+        raise UserError(f"trusted.k={t.k} must be at least 1 (the neighbours knn_auto asks to agree), e.g. 10")
+    if isinstance(cfg.checks.vote_ks, list) and not cfg.checks.vote_ks:
+        raise UserError("checks.vote_ks=[] tries no k; use auto or a list of positive integers such as [5, 20, 100]")
+    dim = cfg.features.second_view_dim
+    if not 1 <= dim <= MAX_VIEW_DIM:
+        raise UserError(f"features.second_view_dim={dim} is outside 1..{MAX_VIEW_DIM} (N x dim float32 values are "
+                        f"held in memory); give a width such as 2048")
+    cache = Path(cfg.features.cache_dir)
+    if cache.exists() and not cache.is_dir():
+        raise UserError(f"features.cache_dir={str(cache)!r} is a file, not a folder; give a folder for the feature "
+                        f"cache and checkpoints (e.g. .dmlp_cache), or move that file away")
+    check_epochs(cfg.preprocessor.params, "preprocessor.params")
+    check_epochs(getattr(cfg.preprocessor, "params_for", None), "preprocessor.params_for")
+    check_epochs(cfg.features.ssl, "features.ssl")
+    for i, m in enumerate(getattr(cfg, "methods", [])):
+        check_epochs(m.params, f"methods[{i}].params")

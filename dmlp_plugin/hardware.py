@@ -14,11 +14,16 @@ a model in float32 on the CPU (:func:`bf16_hazard_layers`); an explicit ``bf16``
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from dmlp_plugin.config import check_threads
 from dmlp_plugin.errors import UserError
 
 MIXED_PRECISION_MODES = ("auto", "no", "bf16", "fp16")
@@ -93,3 +98,181 @@ def resolve_mixed_precision(mode: str, device_type: str, cpu_hazard: list[str] |
                         f"1-pixel input, whose bfloat16 gradient this torch build gets wrong (NaN losses); use "
                         f"mixed_precision: auto or no, or a larger image_size")
     return mode
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU threads
+#
+# torch's default intra-op thread count is the machine's cores, whatever share of them this process may use:
+# in a container with a 2-CPU quota on a 64-core host it starts 64 OpenMP threads, and under a launch of P
+# processes each one starts as many, P times too many. Oversubscribed OpenMP threads wait on each other at
+# every parallel region, and a small model's step becomes many times slower. ``threads: auto`` takes the CPUs
+# this process may use (affinity, cgroup quota) divided by the processes of the launch on this machine.
+# It cannot see other users' load (the load average is host-wide in a container, and a thread count that
+# followed it would change the features, hence the labels, from one run to the next); a run on a machine
+# that is already busy gets a warning and the advice to pass --threads 1.
+
+_APPLIED: dict | None = None  # what apply_threads chose last (recorded in metrics.json and bench results)
+
+
+def _v2_limit(folder: Path) -> float | None:
+    quota, period = (folder / "cpu.max").read_text().split()[:2]  # "max 100000" or "150000 100000"
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _v1_limit(folder: Path) -> float | None:
+    quota = int((folder / "cpu.cfs_quota_us").read_text())
+    period = int((folder / "cpu.cfs_period_us").read_text())
+    return None if quota <= 0 or period <= 0 else quota / period
+
+
+def _cgroup_folders(root: Path, proc_cgroup: Path) -> list[tuple[Path, object]]:
+    """(folder, reader) for this process's cgroup and each of its ancestors, v2 (``0::/path``) and v1 (the
+    ``cpu`` controller's line); a container sees its own cgroup as ``/``."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, rel = parts[1], Path(parts[2].strip().lstrip("/"))
+        if controllers == "":
+            base, reader = root, _v2_limit
+        elif "cpu" in controllers.split(","):
+            base, reader = root / controllers, _v1_limit
+        else:
+            continue
+        found += [(base / p, reader) for p in (rel, *rel.parents)]
+    return found
+
+
+def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``; the smallest along the cgroup's ancestors), or None when none is set."""
+    limits = []
+    for folder, reader in _cgroup_folders(Path(root), Path(proc_cgroup)):
+        try:
+            value = reader(folder)
+        except (OSError, ValueError, IndexError):
+            continue
+        if value is not None and value > 0:
+            limits.append(value)
+    return min(limits) if limits else None
+
+
+def usable_cpus(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> tuple[int, str]:
+    """(CPUs this process may use, how that was found): its affinity mask, capped by the cgroup quota
+    (rounded up, as Java and Go do)."""
+    try:
+        cpus, how = len(os.sched_getaffinity(0)), "affinity"
+    except (AttributeError, OSError):
+        cpus, how = os.cpu_count() or 1, "cpu_count"
+    text = f"{how} {cpus} CPUs"
+    quota = cgroup_cpu_limit(root, proc_cgroup)
+    if quota is not None and math.ceil(quota) < cpus:
+        cpus, text = math.ceil(quota), f"cgroup quota {quota:g} CPUs ({text})"
+    return max(1, cpus), text
+
+
+def launch_processes(env=None) -> int:
+    """Processes of this launch on this machine: LOCAL_WORLD_SIZE, else WORLD_SIZE (torchrun and accelerate
+    set them), else 1."""
+    env = os.environ if env is None else env
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        value = str(env.get(name, "")).strip()
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    return 1
+
+
+def auto_threads(env=None, root: str | Path = "/sys/fs/cgroup",
+                 proc_cgroup: str | Path = "/proc/self/cgroup") -> tuple[int, str]:
+    """``threads: auto`` -> (count, why). OMP_NUM_THREADS, when set to a positive integer, is the user's (or
+    the launcher's) choice and wins; otherwise the usable CPUs divided by the launch's processes, at least 1."""
+    env = os.environ if env is None else env
+    omp = str(env.get("OMP_NUM_THREADS", "")).strip()
+    if omp.isdigit() and int(omp) >= 1:
+        return int(omp), f"OMP_NUM_THREADS={omp}"
+    cpus, how = usable_cpus(root, proc_cgroup)
+    procs = launch_processes(env)
+    return max(1, cpus // procs), f"{how} / {procs} process{'es' if procs > 1 else ''}"
+
+
+def resolve_threads(value) -> tuple[int, str]:
+    """(count, why) of a ``threads`` setting."""
+    check_threads(value)
+    return auto_threads() if value == "auto" else (int(value), "threads setting")
+
+
+def _set_interop(torch, n: int) -> int:
+    """Inter-op threads to ``n`` where torch still allows it (only before its first parallel work, once per
+    process); returns the count in effect."""
+    if torch.get_num_interop_threads() != n:
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:  # parallel work already started, or set before: keep what is there
+            pass
+    return torch.get_num_interop_threads()
+
+
+def _set_faiss(n: int) -> int | None:
+    """faiss's OpenMP threads to ``n`` when faiss is installed; returns the count, None without faiss."""
+    try:
+        import faiss  # noqa: PLC0415 - optional
+    except ImportError:
+        return None
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def threads_warning(n: int, cpus: int, load: float | None) -> str | None:
+    """Why ``n`` threads may run slowly here, or None."""
+    if n > cpus:
+        return (f"threads={n} is more than the {cpus} CPUs this process may use; threads that outnumber the CPUs "
+                f"wait on each other (a run can be many times slower); use threads: auto or --threads {cpus}")
+    if n > 1 and load is not None and load >= cpus:
+        return (f"the load average is {load:.1f} with {cpus} CPUs usable here: other jobs are busy on them, and "
+                f"{n} threads wait on each other whenever one is descheduled (a run can be many times slower); "
+                f"--threads 1 avoids that")
+    return None
+
+
+def apply_threads(value="auto", warn: bool = True) -> dict:
+    """Set the CPU thread count of this process (torch intra-op and, where still allowed, inter-op threads;
+    faiss's OpenMP threads) from a ``threads`` setting; returns what was chosen and why (also kept for
+    :func:`threads_info`). ``warn``: print a warning line when the count is likely to oversubscribe."""
+    global _APPLIED
+    import torch  # noqa: PLC0415
+
+    n, source = resolve_threads(value)
+    torch.set_num_threads(n)
+    cpus, how = usable_cpus()
+    load = _load_average()
+    info = {"setting": value, "used": torch.get_num_threads(), "source": source, "usable_cpus": cpus,
+            "usable_cpus_source": how, "interop": _set_interop(torch, n), "faiss": _set_faiss(n),
+            "load_average_1min": None if load is None else round(load, 2),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    _APPLIED = info
+    message = threads_warning(n, cpus, load)
+    if warn and message:
+        print(f"warning: {message}", file=sys.stderr)
+    return dict(info)
+
+
+def threads_info() -> dict:
+    """The thread choice of :func:`apply_threads` in this process, or torch's own count when none was made."""
+    import torch  # noqa: PLC0415
+
+    if _APPLIED is not None and _APPLIED["used"] == torch.get_num_threads():
+        return dict(_APPLIED)
+    return {"setting": None, "used": torch.get_num_threads(), "source": "torch's count (not set by dmlp)"}

@@ -1,14 +1,16 @@
 """Stage functions: data + noise -> features -> purifier -> labels artifact (+ metrics and report).
 
 Each function reads plain inputs, calls components by registry name and returns plain results; only
-:func:`purify_run` writes files (into a staging folder moved into place at the end, so a failed run leaves
-nothing half-written in the output folder).
+:func:`purify_run` writes files (into a staging folder beside the output folder, which then replaces it
+as a whole: a failed or killed run leaves the previous output folder as it was, never files of two runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import inspect
 import json
@@ -16,7 +18,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from dmlp_plugin import __version__
-from dmlp_plugin.config import PurifyConfig, from_mapping, to_dict
+from dmlp_plugin.config import PurifyConfig, check_values, from_mapping, to_dict
 from dmlp_plugin.errors import MissingDependency, UserError
-from dmlp_plugin.hardware import resolve_device
+from dmlp_plugin.hardware import apply_threads, resolve_device, threads_info
 from dmlp_plugin.records import DataSplits, PurifyInputs, PurifyResult
 from dmlp_plugin.registry import load_registry
 
@@ -49,6 +50,7 @@ def build_component(kind: str, name: str, params: dict):
 
 def validate(cfg: PurifyConfig) -> dict:
     """Check every name and parameter of a purify config; returns the built components. Raises UserError."""
+    check_values(cfg)
     reg = load_registry()
     reg.entry("datasets", cfg.dataset.name)
     reg.entry("noise", cfg.noise.kind)
@@ -90,6 +92,11 @@ def validate(cfg: PurifyConfig) -> dict:
                         f"or all (the two views concatenated)")
     for name in cfg.checks.compare:
         reg.entry("preprocessors", name)
+    for name in cfg.preprocessor.params_for:  # a typo there would otherwise be ignored silently
+        try:
+            reg.entry("preprocessors", str(name))
+        except UserError as e:
+            raise UserError(f"preprocessor.params_for: {e}") from None
     if cfg.features.source == "ssl":
         built["ssl"] = ssl_config(cfg)
     resolve_device(cfg.device)
@@ -140,9 +147,14 @@ def ssl_config(cfg: PurifyConfig):
 def load_data(cfg: PurifyConfig) -> DataSplits:
     loader = load_registry().get("datasets", cfg.dataset.name)
     try:
-        return loader(**cfg.dataset.params)
+        data = loader(**cfg.dataset.params)
     except TypeError as e:
         raise UserError(f"dataset.params for {cfg.dataset.name!r} rejected: {e}") from None
+    labels = data.train.labels
+    if labels is not None and len(labels) and np.unique(labels).size < 2:
+        raise UserError(f"dataset {cfg.dataset.name!r} has one class only (every training label is {int(labels[0])}); "
+                        f"purifying labels needs samples of at least 2 classes: check dataset.params")
+    return data
 
 
 def make_noisy(cfg: PurifyConfig, data: DataSplits):
@@ -192,12 +204,17 @@ def _select_trusted(cfg: PurifyConfig, noisy: np.ndarray, truth: np.ndarray | No
     if t.source == "index_file":
         return _read_index_file(Path(t.file), n, num_classes, truth)
     m = _count(t.size, n)
-    if m > n:
-        raise UserError(f"trusted.size={t.size} asks for {m} samples but the training set has {n}; give a smaller size")
+    if m >= n:
+        raise UserError(f"trusted.size={t.size} asks for {m} samples but the training set has {n}"
+                        f"{', leaving none to purify' if m == n else ''}; give a smaller size")
     if m < 1:
         raise UserError(f"trusted.size={t.size} selects no sample of {n}; give a fraction such as 0.02 or a count")
     if t.source == "knn_auto":
         from dmlp_plugin.checks.knn import select_meta  # noqa: PLC0415
+
+        if t.k >= n:
+            raise UserError(f"trusted.k={t.k} asks for as many neighbours as the {n} training samples or more; "
+                            f"give a k below {n}, e.g. 10")
 
         idx = select_meta(view1, noisy, num_classes, m, k=t.k)
         return idx, noisy[idx].astype(np.int64)
@@ -229,15 +246,22 @@ def _read_index_file(path: Path, n: int, num_classes: int, truth: np.ndarray | N
     try:
         if path.suffix == ".npy":
             idx = np.load(path, allow_pickle=False)
-        else:
-            first = path.read_text().lstrip().split("\n", 1)[0]
+        else:  # (utf-8-sig: a byte-order mark, as spreadsheet programs write, is not part of the first row)
+            first = path.read_text(encoding="utf-8-sig").lstrip().split("\n", 1)[0]
             header = bool(first) and not first.split(",")[0].strip().lstrip("+-").replace(".", "", 1).isdigit()
-            rows = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64, skiprows=int(header))
+            rows = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64, skiprows=int(header),
+                              encoding="utf-8-sig")
             idx = rows[:, 0]
             labels = rows[:, 1] if rows.shape[1] > 1 else None
-    except ValueError as e:
-        raise UserError(f"trusted.file {str(path)!r} could not be read ({e}); use integer index[,label] rows") from None
+    except (ValueError, OSError, EOFError, UnicodeDecodeError) as e:
+        raise UserError(f"trusted.file {str(path)!r} could not be read ({type(e).__name__}: {e}); use a .npy of "
+                        f"indices or integer index[,label] rows") from None
+    if not isinstance(idx, np.ndarray):
+        raise UserError(f"trusted.file {str(path)!r} is an .npz archive; give a .npy of indices (np.save) or a .csv")
     idx = np.asarray(idx).ravel()
+    if idx.size == 0:
+        raise UserError(f"trusted.file {str(path)!r} lists no sample; give the indices of the trusted samples, at "
+                        f"least one per class")
     if idx.dtype.kind == "f" and np.any(idx != np.round(idx)):
         raise UserError(f"trusted.file {str(path)!r} holds non-integer indices; give sample indices 0..{n - 1}")
     idx = idx.astype(np.int64)
@@ -291,8 +315,14 @@ def _load_feature_file(path: str, n: int, what: str) -> np.ndarray:
         raise UserError(f"{what} {path!r} not found; give an (N, d) .npy file of features")
     try:
         x = np.load(p, allow_pickle=False)
-    except ValueError as e:
-        raise UserError(f"{what} {path!r} could not be read without pickle ({e}); save a plain float array with np.save") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{what} {path!r} could not be read without pickle ({type(e).__name__}: {e}); save a plain "
+                        f"float array with np.save") from None
+    if not isinstance(x, np.ndarray):  # an .npz archive, whatever its name
+        names = list(x.files)
+        x.close()
+        raise UserError(f"{what} {path!r} is an .npz archive (arrays {', '.join(names[:5]) or 'none'}), not one array; "
+                        f"save the (N, d) features alone with np.save(path, array)")
     if x.dtype.kind not in "fiu":
         raise UserError(f"{what} {path!r} has dtype {x.dtype}; give float features")
     if x.ndim != 2:
@@ -307,6 +337,9 @@ def _load_feature_file(path: str, n: int, what: str) -> np.ndarray:
     if zero.any():
         raise UserError(f"{what} {path!r} has {int(zero.sum())} all-zero rows (first: row {int(np.flatnonzero(zero)[0])}), "
                         f"which have no direction to compare; give every sample a non-zero feature row")
+    scale = np.abs(x).max(axis=1).astype(np.float64)
+    if scale.max() > 1e18 or scale.min() < 1e-18:  # float32 squares would overflow or vanish: rescale rows first
+        x = (x.astype(np.float64) / scale[:, None]).astype(np.float32)
     return _l2(x)
 
 
@@ -335,7 +368,10 @@ def make_views(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, pr
     else:
         from dmlp_plugin.features.cache import get_features  # noqa: PLC0415
 
-        bank = get_features(data.train, built["ssl"], f.cache_dir, device=device, progress=progress, test=data.test)
+        from dmlp_plugin.checks.quality import feature_report  # noqa: PLC0415
+
+        bank = get_features(data.train, built["ssl"], f.cache_dir, device=device, progress=progress, test=data.test,
+                            quality=lambda train_f, test_f: feature_report(data.train, data.test, train_f, test_f))
         v1 = bank.views["plain"]
         prov = {"source": "ssl", "cache": bank.path, **bank.provenance}
     if f.path2:
@@ -369,11 +405,45 @@ def neighbour_agreement(view1: np.ndarray, labels: np.ndarray, k: int) -> np.nda
 
 
 def check_out_dir(out: Path) -> None:
+    long = next((part for part in out.parts if len(os.fsencode(part)) > 255), None)
+    if long is not None:
+        raise UserError(f"--out: the name {long[:30] + '...'!r} is {len(os.fsencode(long))} bytes long, more than "
+                        f"the 255 a file system allows; give a shorter name")
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"--out {str(out)!r} is a symbolic link to {os.readlink(out)!r}, which does not exist (or "
+                        f"loops); remove the link or give another folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder; give a folder path")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out {str(out)!r}: cannot write into {str(parent)!r}; choose a writable folder")
+
+
+PURIFY_FILES = ("labels.npz", "metrics.json", "history.json", "config.yaml", "report.md")  # and plots (*.png)
+
+
+def check_replaceable(out: Path) -> None:
+    """``dmlp purify`` replaces ``--out`` as a whole (staged beside it): refuse a folder holding files it did not
+    write, the working folder or one above it, and a folder whose parent cannot be written."""
+    try:
+        real = out.resolve()
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"--out {str(out)!r} cannot be resolved ({e}); remove the looping link or give another "
+                        f"folder") from None
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise UserError(f"--out {str(out)!r} is the working folder or above it, and dmlp purify replaces its --out as "
+                        f"a whole; give a folder of its own, e.g. --out runs/purify")
+    if real.is_dir():
+        foreign = sorted(p.name for p in real.iterdir() if p.name not in PURIFY_FILES and not
+                         (p.suffix == ".png" and p.is_file()))
+        if foreign:
+            raise UserError(f"--out {str(out)!r} holds {foreign[0]!r}, which dmlp purify did not write, and the "
+                            f"folder is replaced as a whole; give a new or empty folder (or move that out)")
+    parent = next((p for p in real.parents if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {str(out)!r}: its replacement is built beside it, in {str(parent)!r}, which cannot "
+                        f"be written; make that folder writable or choose an --out in a writable folder")
 
 
 def config_hash(raw: dict) -> str:
@@ -472,7 +542,7 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
         "mean_confidence": float(result.confidence[rest].mean()) if rest.any() else None,
         "mean_neighbour_agreement": float(agreement.mean()),
         "trusted_separability": separability,
-        "seconds": timings,
+        "seconds": timings, "threads": threads_info(),
         "config_hash": config_hash(raw or to_dict(cfg)), "versions": versions(),
         # what the preprocessor chose for itself (dmlp: its readout's vote, k and power), scalars only
         "preprocessor_info": {k: v for k, v in (result.info or {}).items()
@@ -557,15 +627,13 @@ def _estimates(cfg: PurifyConfig, pre, views: Views, noisy, meta_idx, meta_label
     weights of its first candidate's labels): those estimates are taken as they are (nothing runs twice), the
     ``auto`` entry is its chosen candidate's (``chosen``), and any other comparison is estimated with the same
     weights."""
-    from dmlp_plugin.estimate import cv_accuracy  # noqa: PLC0415
-
     folds = cfg.checks.estimate_folds
     if not folds or meta_idx.size < max(folds, 2 * c):
         return {}
     t0 = time.perf_counter()
 
-    def corrector(p):
-        return lambda idx, lab: run_preprocessor(p, views, noisy, idx, lab, c, None, device, False, cfg.seed).hard
+    def estimate(p):
+        return estimate_accuracy(p, views, noisy, meta_idx, meta_labels, c, device, cfg.seed, folds, prior)
 
     done = {n: e for n, e in (auto or {}).get("candidates", {}).items() if "estimate" in e}
     if done:
@@ -578,7 +646,7 @@ def _estimates(cfg: PurifyConfig, pre, views: Views, noisy, meta_idx, meta_label
                                             if "setting" in e else {})} for n, e in done.items()})
     else:
         prior = np.bincount(purified_rest, minlength=c) / max(purified_rest.size, 1)
-        out = {cfg.preprocessor.name: cv_accuracy(corrector(pre), meta_idx, meta_labels, c, folds, cfg.seed, prior)}
+        out = {cfg.preprocessor.name: estimate(pre)}
     names = [n for n in cfg.checks.compare if n not in out] if cfg.checks.estimate_compare else []
     for name in names:
         entry = metrics.get(name) if isinstance(metrics.get(name), dict) else {}
@@ -589,11 +657,24 @@ def _estimates(cfg: PurifyConfig, pre, views: Views, noisy, meta_idx, meta_label
             p = build_component("preprocessors", name, params)
         except MissingDependency:
             continue
-        out[name] = cv_accuracy(corrector(p), meta_idx, meta_labels, c, folds, cfg.seed, prior)
+        out[name] = estimate(p)
         if params:
             out[name]["setting"] = params
     timings["estimate"] = timings.get("estimate", 0.0) + time.perf_counter() - t0
     return out
+
+
+def estimate_accuracy(pre, views: Views, noisy, meta_idx, meta_labels, num_classes: int, device: str, seed: int,
+                      folds: int, class_prior) -> dict:
+    """Label accuracy of preprocessor ``pre`` estimated WITHOUT true labels: ``folds``-fold cross-validation
+    over the trusted subset (:func:`dmlp_plugin.estimate.cv_accuracy`), each fold purified by a run that trusts
+    the other folds, class-weighted by ``class_prior``. The estimate of ``dmlp purify`` and of the array API."""
+    from dmlp_plugin.estimate import cv_accuracy  # noqa: PLC0415
+
+    def corrector(idx, lab):
+        return run_preprocessor(pre, views, noisy, idx, lab, num_classes, None, device, False, seed).hard
+
+    return cv_accuracy(corrector, meta_idx, meta_labels, num_classes, folds, seed, class_prior)
 
 
 def _knn_sweep(cfg: PurifyConfig, pre, inp: PurifyInputs, truth, rest) -> dict:
@@ -618,14 +699,14 @@ def _knn_sweep(cfg: PurifyConfig, pre, inp: PurifyInputs, truth, rest) -> dict:
 def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, progress: bool = True) -> dict:
     """Run ``dmlp purify``: writes labels.npz, metrics.json, report.md and plots into ``out``.
     Returns the metrics dict."""
-    from dmlp_plugin.artifacts import save_labels  # noqa: PLC0415
-    from dmlp_plugin.atomic import write_json, write_text  # noqa: PLC0415
-    from dmlp_plugin.distributed import current  # noqa: PLC0415
-    from dmlp_plugin.report import write_purify_report  # noqa: PLC0415
+    from dmlp_plugin.atomic import exclusive  # noqa: PLC0415
+    from dmlp_plugin.distributed import current, launcher_rank  # noqa: PLC0415
 
     out = Path(out)
     check_out_dir(out)
+    check_replaceable(out)
     built = validate(cfg)
+    apply_threads(cfg.threads, warn=launcher_rank() == 0)  # before any torch work (features' cache key has it)
     device = resolve_device(cfg.device)
     dist = current(device)  # under accelerate launch / torchrun: the purifier shards its rows
     progress = progress and dist.is_main
@@ -636,31 +717,55 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
     t = time.perf_counter()
     views = make_views(cfg, data, device, built, progress)  # every process: see features.cache.get_features
     timings["features"] = time.perf_counter() - t
-    # the purifier's progress, kept beside the features until DIR is written (a killed run resumes from it)
+    # the purifier's progress, kept beside the features until DIR is written (a killed run resumes from it);
+    # its lock keeps a second run of the same config off it while this one runs
     ckpt = Path(cfg.features.cache_dir) / (f"purify-{config_hash(raw or to_dict(cfg))}-"
                                            f"{data.train.fingerprint()[:12]}.pt")
-    p = purify_labels(cfg, data, views, built, device, progress, raw, timings, checkpoint=str(ckpt))
-    if not dist.is_main:  # process 0 writes; the others wait until it has
-        dist.barrier()
-        return p.metrics
+    lock = exclusive(ckpt.with_suffix(".lock"), f"the purifier checkpoint {str(ckpt)!r}") if dist.is_main \
+        else contextlib.nullcontext()
+    with lock:
+        p = purify_labels(cfg, data, views, built, device, progress, raw, timings, checkpoint=str(ckpt))
+        if not dist.is_main:  # process 0 writes; the others wait until it has
+            dist.barrier()
+            return p.metrics
+        try:
+            write_out_folder(out, p, yaml_dump(raw or to_dict(cfg)), data.train.class_names)
+        finally:
+            dist.barrier()
+        for f in ckpt.parent.glob(ckpt.name + "*"):  # done: every process's checkpoint goes
+            f.unlink(missing_ok=True)
+    return p.metrics
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+def write_out_folder(out: Path, p: Purified, config_yaml: str, class_names=()) -> None:
+    """Write ``out`` as a whole: every file is made in a staging folder beside it, which then replaces the
+    folder in one step (:func:`dmlp_plugin.atomic.replace_folder`), so ``out`` never holds files of two runs.
+    Staging folders of killed runs are removed first. A failed write: UserError; the previous ``out`` intact."""
+    from dmlp_plugin.artifacts import save_labels  # noqa: PLC0415
+    from dmlp_plugin.atomic import clean_stale, replace_folder, staging_folder, write_json, write_text  # noqa: PLC0415
+    from dmlp_plugin.report import write_purify_report  # noqa: PLC0415
+
+    real = out.resolve()
+    staging = None
     try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(real)
+        staging = staging_folder(real)
         save_labels(staging / "labels.npz", p.artifact)
         write_json(staging / "metrics.json", p.metrics)
         write_json(staging / "history.json", p.result.history)
-        write_text(staging / "config.yaml", yaml_dump(raw or to_dict(cfg)))
-        write_purify_report(staging, p.metrics, p.result, p.artifact, class_names=data.train.class_names)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in sorted(staging.iterdir()):
-            os.replace(f, out / f.name)
+        write_text(staging / "config.yaml", config_yaml)
+        write_purify_report(staging, p.metrics, p.result, p.artifact, class_names=class_names)
+        replace_folder(staging, real)
+    except OSError as e:
+        full = e.errno == errno.ENOSPC
+        raise UserError(f"--out {str(out)!r} could not be written ({'the disk is full' if full else e.strerror or e}"
+                        f"{'' if full or not e.filename else ': ' + str(e.filename)}); the previous contents of "
+                        f"{str(out)!r} are intact and no temporary file was left; "
+                        f"{'free some space' if full else 'fix that'} and rerun") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        dist.barrier()
-    for f in ckpt.parent.glob(ckpt.name + "*"):  # done: every process's checkpoint goes
-        f.unlink(missing_ok=True)
-    return p.metrics
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def yaml_dump(obj) -> str:

@@ -5,15 +5,18 @@ through the entry-point groups ``dmlp_plugin.<kind>`` (e.g. ``dmlp_plugin.prepro
 are read at discovery without importing anything, and a target is imported only when asked for, so a
 broken plugin fails only for its own component, with a message naming its distribution. Set
 ``DMLP_PLUGIN_DISABLE_AUTOLOAD=1`` to ignore third-party entry points. A name registered twice is an error
-naming both sources. Configs can name only registered components, never import paths.
+naming both sources. Configs can name only registered components, never import paths. An entry point carries
+no summary: the listing (:meth:`Registry.entries`, ``dmlp registry list``) shows the first sentence of the
+object's docstring instead. What each kind must provide: :mod:`dmlp_plugin.interfaces`.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -60,7 +63,19 @@ class Registry:
         return sorted(self._entries.get(kind, {}))
 
     def entries(self, kind: str) -> list[Entry]:
-        return [self._entries[kind][n] for n in self.names(kind)]
+        """Every entry of ``kind``, by name; an entry registered without a summary (an entry point has none)
+        gets the first sentence of its object's docstring, which imports it (only this listing does); one that
+        fails to import says why instead."""
+        return [self._described(self._entries[kind][n]) for n in self.names(kind)]
+
+    def _described(self, e: Entry) -> Entry:
+        if e.summary:
+            return e
+        try:
+            obj = self.get(e.kind, e.name)
+        except UserError as exc:
+            return replace(e, summary=f"(fails to load: {str(exc).split(': ', 1)[-1]})")
+        return replace(e, summary=docstring_summary(obj))
 
     def entry(self, kind: str, name: str) -> Entry:
         table = self._entries.get(kind)
@@ -87,6 +102,22 @@ class Registry:
         return obj
 
 
+def docstring_summary(obj) -> str:
+    """The first sentence of the first paragraph of ``obj``'s own docstring, or ``""``."""
+    doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else ""
+    if isinstance(obj, type) and doc == _generated_dataclass_doc(obj):
+        doc = ""  # a dataclass without a docstring gets its signature as one: not a summary
+    first = " ".join(inspect.cleandoc(doc).split("\n\n", 1)[0].split()) if doc else ""
+    return first.split(". ", 1)[0].rstrip(".") if first else ""
+
+
+def _generated_dataclass_doc(cls) -> str | None:
+    try:
+        return cls.__name__ + str(inspect.signature(cls)).replace(" -> None", "")
+    except (TypeError, ValueError):
+        return None
+
+
 def _builtin_entries() -> list[Entry]:
     data = yaml.safe_load(registry_path().read_text(encoding="utf-8")) or {}
     out = []
@@ -104,8 +135,8 @@ def _plugin_entries() -> list[Entry]:
         for ep in metadata.entry_points(group=ENTRY_POINT_PREFIX + kind):
             dist = getattr(ep, "dist", None)
             dist_name = f"{dist.metadata['Name']} {dist.version}" if dist is not None else "an unknown distribution"
-            summary = ""
-            out.append(Entry(kind, ep.name, ep.value, summary, f"entry point of {dist_name}"))
+            # no summary here (reading the docstring would import the plugin): Registry.entries fills it in
+            out.append(Entry(kind, ep.name, ep.value, "", f"entry point of {dist_name}"))
     return out
 
 

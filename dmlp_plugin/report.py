@@ -65,61 +65,159 @@ def comparison_setting(name: str, entry: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in entry.items() if k not in skip and isinstance(v, (str, int, float)))
 
 
+# markers of the reference lines, placed at staggered epochs: two baselines at one accuracy both stay visible
+_REF_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _reference_lines(metrics: dict) -> list[tuple[str, str, float]]:
+    """(name, legend label, accuracy) of the noisy labels and of every comparison that has one."""
+    ref = [("noisy labels", "noisy labels", metrics.get("label_accuracy_before"))]
+    ref += [(name, f"{name} ({comparison_setting(name, e).split(';')[0]})" if name == "knn_vote" else name,
+             e.get("label_accuracy_after")) for name, e in comparisons(metrics)]
+    return [(n, lab, y) for n, lab, y in ref if y is not None]
+
+
 def plot_label_accuracy(history: list[dict], metrics: dict, path: Path) -> bool:
     if not history or "label_accuracy" not in history[0]:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
     ep = [h["epoch"] for h in history]
-    ax.plot(ep, [h["label_accuracy"] for h in history], label="purified (views averaged)", lw=2)
+    ax.plot(ep, [h["label_accuracy"] for h in history], label="purified (views averaged)", lw=2, zorder=5)
     for key in sorted(k for k in history[0] if k.startswith("label_accuracy_view")):
         ax.plot(ep, [h[key] for h in history], lw=1, alpha=0.7, label=key.replace("label_accuracy_", ""))
-    # reference lines, each with its own colour AND dash pattern (two baselines at one accuracy stay visible)
-    ref = [("noisy labels", "noisy labels", metrics.get("label_accuracy_before"))]
-    ref += [(name, f"{name} ({comparison_setting(name, e).split(';')[0]})" if name == "knn_vote" else name,
-             e.get("label_accuracy_after")) for name, e in comparisons(metrics)]
-    for i, (name, label, y) in enumerate(ref):
-        if y is not None:
-            color, ls = _REF_STYLE.get(name, (f"C{i + 3}", (0, (2, 1, 2, 3))))
-            ax.axhline(y, ls=ls, color=color, lw=1.4, label=f"{label}: {y:.3f}")
+    # reference lines: each its own colour, dash pattern and marker; the markers sit at staggered epochs and
+    # the lines get thinner in drawing order, so lines at one accuracy show both
+    refs = _reference_lines(metrics)
+    lo, hi = min(ep), max(ep)
+    for i, (name, label, y) in enumerate(refs):
+        color, ls = _REF_STYLE.get(name, (f"C{i + 3}", (0, (2, 1, 2, 3))))
+        marks = lo + (hi - lo) * (np.arange(4) + (i + 0.5) / len(refs)) / 4 if hi > lo else np.array([lo])
+        ax.plot([lo, hi], [y, y], ls=ls, color=color, lw=max(2.6 - 0.35 * i, 1.0), zorder=3 + 0.1 * i)
+        ax.plot(marks, np.full(marks.shape, y), ls="none", marker=_REF_MARKERS[i % len(_REF_MARKERS)], ms=6,
+                color=color, markeredgecolor="white", zorder=4, label=None)
+        ax.plot([], [], ls=ls, color=color, marker=_REF_MARKERS[i % len(_REF_MARKERS)], label=f"{label}: {y:.3f}")
     for h in history:
         if h.get("exchanged"):
             ax.axvline(h["epoch"], color="k", alpha=0.08)
+    ax.set_title(f"Label accuracy over purifier epochs: {metrics.get('dataset')}, {_noise_words(metrics)}",
+                 fontsize=10)
     ax.set_xlabel("purifier epoch (faint lines: cross-view exchange)")
     ax.set_ylabel("label accuracy (untrusted samples)")
     ax.set_ylim(0, 1.01)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: hides no line
     ax.grid(alpha=0.3)
     save_figure(fig, path)
     return True
 
 
-def plot_transitions(truth, noisy, purified, num_classes: int, path: Path) -> None:
+def _noise_words(metrics: dict) -> str:
+    n = metrics.get("noise") or {}
+    rate = n.get("rate")
+    return f"{n.get('kind')} noise {100 * rate:.0f}%" if isinstance(rate, (int, float)) else f"{n.get('kind')} noise"
+
+
+def _draw_matrix(ax, t: np.ndarray, title: str, names) -> object:
+    """One transition matrix: readable ticks (class names when short) and each cell's value for <= 20 classes."""
+    c = t.shape[0]
+    im = ax.imshow(t, vmin=0, vmax=1, cmap="viridis")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("given label")
+    ax.set_ylabel("true class")
+    if c <= 20:
+        ticks = [str(n)[:10] for n in names] if len(names) == c else [str(i) for i in range(c)]
+        size = 9 if c <= 10 else 7
+        slant = any(len(t) > 2 for t in ticks)
+        ax.set_xticks(range(c))
+        ax.set_xticklabels(ticks, fontsize=size, rotation=45 if slant else 0, ha="right" if slant else "center")
+        ax.set_yticks(range(c))
+        ax.set_yticklabels(ticks, fontsize=size)
+        for i in range(c):
+            for j in range(c):
+                if t[i, j] >= 0.005:
+                    ax.text(j, i, f"{t[i, j]:.2f}".lstrip("0") if t[i, j] < 1 else "1", ha="center", va="center",
+                            fontsize=7 if c <= 10 else 5, color="black" if t[i, j] > 0.6 else "white")
+    return im
+
+
+def plot_transitions(truth, noisy, purified, num_classes: int, path: Path, class_names=(), title: str = "") -> None:
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
-    for ax, labels, title in ((axes[0], noisy, "noisy labels"), (axes[1], purified, "purified labels")):
+    size = 5.2 if num_classes <= 10 else 6.5
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.2, size), layout="constrained")
+    im = None
+    for ax, labels, name in ((axes[0], noisy, "noisy labels"), (axes[1], purified, "purified labels")):
         t = transition_matrix(truth, labels, num_classes)
-        im = ax.imshow(t, vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"{title}: P(label | true class)")
-        ax.set_xlabel("given label")
-        ax.set_ylabel("true class")
-        if num_classes <= 20:
-            ax.set_xticks(range(num_classes))
-            ax.set_yticks(range(num_classes))
-            ax.tick_params(labelsize=6)
+        im = _draw_matrix(ax, t, f"{name}: P(label | true class)", tuple(class_names))
     fig.colorbar(im, ax=axes, shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=11)
     save_figure(fig, path)
 
 
-def plot_confidence(confidence, correct, path: Path) -> None:
+def plot_confidence(confidence, correct, path: Path, title: str = "") -> None:
+    """Histograms of the confidence of right and wrong purified labels, on a log count axis (the few wrong
+    labels stay visible beside thousands of right ones)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     bins = np.linspace(0, 1, 26)
-    ax.hist(confidence[correct], bins=bins, alpha=0.7, label="purified label right")
-    ax.hist(confidence[~correct], bins=bins, alpha=0.7, label="purified label wrong")
+    right, wrong = confidence[correct], confidence[~correct]
+    ax.hist(right, bins=bins, alpha=0.6, color="tab:blue", label=f"purified label right ({right.size})")
+    ax.hist(wrong, bins=bins, alpha=0.6, color="tab:red", label=f"purified label wrong ({wrong.size})")
+    ax.hist(wrong, bins=bins, histtype="step", color="tab:red", lw=1.5)
+    ax.set_yscale("log")
     ax.set_xlabel("confidence (max of the soft label)")
-    ax.set_ylabel("samples")
-    ax.legend()
+    ax.set_ylabel("samples (log scale)")
+    ax.set_title(title or "Confidence of the purified labels (untrusted samples)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3, which="major")
+    save_figure(fig, path)
+
+
+def per_class_accuracy(art, class_names=()) -> list[dict]:
+    """Label accuracy per true class on the untrusted samples, before (noisy) and after (purified):
+    [{class, samples, before, after}] (before/after None for a class without untrusted samples)."""
+    truth = art.true_labels
+    rest = np.ones(len(art.hard), bool)
+    rest[art.meta_indices] = False
+    rows = []
+    for c in range(art.num_classes):
+        sel = rest & (truth == c)
+        n = int(sel.sum())
+        rows.append({"class": str(class_names[c]) if len(class_names) == art.num_classes else str(c), "samples": n,
+                     "before": float(np.mean(art.noisy[sel] == c)) if n else None,
+                     "after": float(np.mean(art.hard[sel] == c)) if n else None})
+    return rows
+
+
+def per_class_lines(rows: list[dict]) -> list[str]:
+    """The report table of :func:`per_class_accuracy`."""
+    lines = ["| class | untrusted samples | noisy (before) | purified (after) | change (points) |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if not r["samples"]:
+            lines.append(f"| {r['class']} | 0 | n/a | n/a | |")
+            continue
+        lines.append(f"| {r['class']} | {r['samples']} | {r['before']:.4f} | {r['after']:.4f} | "
+                     f"{100 * (r['after'] - r['before']):+.1f} |")
+    return lines + [""]
+
+
+def plot_per_class(rows: list[dict], path: Path, title: str = "") -> None:
+    """Grouped bars: label accuracy per true class, before and after purification."""
+    plt = _plt()
+    rows = [r for r in rows if r["samples"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 3.8))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["before"] for r in rows], 0.4, color="tab:gray", label="noisy (before)")
+    ax.bar(x + 0.2, [r["after"] for r in rows], 0.4, color="tab:blue", label="purified (after)")
+    slant = len(rows) > 20 or any(len(r["class"]) > 3 for r in rows)
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["class"][:12] for r in rows], rotation=45 if slant else 0, ha="right" if slant else "center",
+                       fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("label accuracy (untrusted samples)")
+    ax.set_title(title or "Label accuracy per true class", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
 
 
@@ -191,7 +289,8 @@ def estimate_lines(metrics: dict) -> list[str]:
     lines = ["## Label accuracy estimated without true labels", "",
              f"{first['method']}: each fold's trusted samples are purified as untrusted ones by a run that trusts "
              f"the other folds, and scored against their trusted labels; weights: {first['weights']}; "
-             f"{round(100 * first['level'])}% interval (Jeffreys, per class). Leans pessimistic (each run sees "
+             f"{round(100 * first['level'])}% interval (Jeffreys, at the weighted estimate's effective sample size). "
+             f"Leans pessimistic (each run sees "
              f"{first['folds'] - 1}/{first['folds']} of the trusted labels); optimistic if the trusted samples were "
              f"picked for being easy (trusted.source knn_auto).", "",
              "| labels | estimated | interval | true (when known) |", "|---|---:|---|---:|"]
@@ -202,6 +301,26 @@ def estimate_lines(metrics: dict) -> list[str]:
             (metrics.get(name) or {}).get("label_accuracy_after") if isinstance(metrics.get(name), dict) else None
         lines.append(f"| {name} | {e['estimate']:.4f} | {e['low']:.4f} .. {e['high']:.4f} | {_fmt(true)} |")
     return lines + [""]
+
+
+def _truth_sections(folder: Path, metrics: dict, art, class_names=()) -> list[str]:
+    """Per-class accuracy (table and plot), transition matrices and confidence: the sections and plots that
+    need the true labels."""
+    truth = art.true_labels
+    what = f"{metrics.get('dataset')}, {_noise_words(metrics)}"
+    rows = per_class_accuracy(art, class_names)
+    plot_per_class(rows, folder / "per_class_accuracy.png", f"Label accuracy per true class: {what}")
+    lines = ["## Label accuracy per class, before and after", "",
+             "On the untrusted samples of each true class: the fraction whose label is their true class.", ""]
+    lines += per_class_lines(rows) + ["![label accuracy per class](per_class_accuracy.png)", ""]
+    plot_transitions(truth, art.noisy, art.hard, art.num_classes, folder / "transition_matrix.png", class_names,
+                     f"Noise transition, before and after purification: {what}")
+    lines += ["## Noise transition matrix, before and after", "", "![transition matrices](transition_matrix.png)", ""]
+    rest = np.ones(len(art.hard), bool)
+    rest[art.meta_indices] = False
+    plot_confidence(art.confidence[rest], (art.hard == truth)[rest], folder / "confidence.png",
+                    f"Confidence of the purified labels (untrusted samples): {what}")
+    return lines + ["## Confidence of purified labels", "", "![confidence](confidence.png)", ""]
 
 
 def write_purify_report(folder: Path, metrics: dict, result, art, class_names=()) -> None:
@@ -237,13 +356,7 @@ def write_purify_report(folder: Path, metrics: dict, result, art, class_names=()
         lines += _knn_table(metrics.get("knn_vote"))
         if plot_label_accuracy(result.history, metrics, folder / "label_accuracy.png"):
             lines += ["![label accuracy over purifier epochs](label_accuracy.png)", ""]
-        truth = art.true_labels
-        plot_transitions(truth, art.noisy, art.hard, art.num_classes, folder / "transition_matrix.png")
-        lines += ["## Noise transition matrix, before and after", "", "![transition matrices](transition_matrix.png)", ""]
-        rest = np.ones(len(art.hard), bool)
-        rest[art.meta_indices] = False
-        plot_confidence(art.confidence[rest], (art.hard == truth)[rest], folder / "confidence.png")
-        lines += ["## Confidence of purified labels", "", "![confidence](confidence.png)", ""]
+        lines += _truth_sections(folder, metrics, art, class_names)
     else:
         lines += ["True labels are unknown here, so no accuracy is reported.", "",
                   f"Mean confidence {_fmt(metrics['mean_confidence'])}, mean neighbour agreement "

@@ -1,5 +1,6 @@
 # Sourced by scripts/demo and scripts/test: make (or reuse) the project's virtual environment in .venv
-# with the pinned dependencies, the faiss-cpu and cleanlab extras and the test tools, installed editable.
+# with the exact tested set (constraints.txt), the faiss-cpu and cleanlab extras and the test tools,
+# installed editable: the README's install command.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -7,9 +8,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.dmlp-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[faiss,cleanlab,test]"
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[faiss,cleanlab,test]"
     touch "$stamp"
 fi
 export HF_HUB_OFFLINE=1

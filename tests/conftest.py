@@ -12,6 +12,8 @@ if str(ROOT) not in sys.path:  # benchmarks/ helpers (synthetic data) are import
 # Two intra-op threads on the 2-core CI machine. On a machine shared with other jobs, set
 # DMLP_TEST_THREADS=1: OpenMP threads competing for busy cores made tiny training runs ~25x slower.
 THREADS = int(os.environ.get("DMLP_TEST_THREADS", "2"))
+# (`threads: auto` follows OMP_NUM_THREADS when it is set: runs made in these tests use THREADS too)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 @pytest.fixture(autouse=True)

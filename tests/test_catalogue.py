@@ -4,6 +4,7 @@ folder. (More cases, at the module level, in test_cli.py, test_data.py, test_art
 
 ``python tests/test_catalogue.py`` prints the catalogue as a Markdown table (input, message, exit code)."""
 
+import os
 import re
 import shutil
 import sys
@@ -50,6 +51,27 @@ def _files(folder: Path) -> None:
         (cifar / name).write_bytes(b"\x80\x04\x95")  # truncated pickles
     (folder / "bad.yaml").write_text("noise: {kind: symmetric\nrate: 0.5\n")
     (folder / "blocker").write_text("a file where a folder would have to be made")
+    _hostile_files(folder)
+
+
+def _hostile_files(folder: Path) -> None:
+    """Issue 13's files: YAML bombs, degenerate features and trusted files, a one-class data set, a bad link."""
+    base = Path(CONFIG).read_text()
+    (folder / "dup.yaml").write_text(base + "\nseed: 3\n")
+    (folder / "bomb.yaml").write_text(base + "\nlaughs:\n  a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"  {chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9)))
+    (folder / "deep.yaml").write_text("noise: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    (folder / "huge.yaml").write_text(base + "\nnoise_pairs: {" + ", ".join(f"k{i}: {i}" for i in range(120_000)) + "}\n")
+    np.save(folder / "f_zero.npy", np.zeros((N, 4), dtype=np.float32))
+    np.savez(folder / "f_npz.npz", features=np.ones((N, 4), dtype=np.float32))
+    (folder / "f_npz.npz").rename(folder / "f_npz.npy")
+    (folder / "f_empty.npy").write_bytes(b"")
+    (folder / "t_empty.npy").write_bytes(b"")
+    np.save(folder / "t_none.npy", np.zeros(0, dtype=np.int64))
+    rng = np.random.default_rng(0)
+    np.save(folder / "one_x.npy", rng.integers(0, 255, (200, 8, 8, 1)).astype(np.uint8))
+    np.save(folder / "one_y.npy", np.full(200, 3))
+    (folder / "dangling").symlink_to(folder / "nowhere")
 
 
 # (what the user did, extra arguments after `dmlp purify CONFIG --out OUT`, regex the message must match)
@@ -109,6 +131,46 @@ CASES = [
      r"checks\.vote_views=\[1, 'both'\]: 'both' is not a view set; use auto or a list of 1, 2 and all"),
     ("knn_vote views unknown", ["--set", "preprocessor.name=knn_vote", "--set", "preprocessor.params={views: 3x}"],
      r"preprocessor\.params\.views='3x' is not known; use 1 or 2 \(one feature view\) or all"),
+    # issue 13: hostile input
+    ("duplicate YAML key", ["@dup.yaml"], r"dup\.yaml' is not valid YAML at line \d+, column 1: duplicate key 'seed' "
+                                          r"\(first at line \d+\); give each key once"),
+    ("YAML alias bomb", ["@bomb.yaml"], r"more than 100000 values once its aliases \(\*name\) are expanded"),
+    ("YAML nested 100,000 deep", ["@deep.yaml"], r"deep\.yaml' is not valid YAML at line 1.*nesting deeper than 64"),
+    ("config file over 1 MiB", ["@huge.yaml"], r"huge\.yaml' is 1\.\d MiB, more than a config's limit of 1 MiB"),
+    ("base-60 number (YAML 1.1)", ["--set", "seed=1:30"], r"seed: expected an integer, got '1:30'"),
+    ("negative seed", ["--set", "seed=-1"], r"seed=-1 is outside 0\.\.4294967295"),
+    ("seed 2**70", ["--set", f"seed={2**70}"], rf"seed={2**70} is outside 0\.\.4294967295"),
+    ("trusted.k 0", ["--set", "trusted.k=0"], r"trusted\.k=0 must be at least 1"),
+    ("trusted.k > N", ["--set", "trusted.source=knn_auto", "--set", "trusted.k=5000"],
+     r"trusted\.k=5000 asks for as many neighbours as the 1437 training samples or more"),
+    ("trusted.size nan", ["--set", "trusted.size=.nan"], r"trusted\.size=nan is not a number of samples"),
+    ("trusted.size inf", ["--set", "trusted.size=.inf"], r"trusted\.size=inf is not a number of samples"),
+    ("trusted.size = N", ["--set", "trusted.size=1437", "--set", "trusted.balanced=false"],
+     r"trusted\.size=1437(\.0)? asks for 1437 samples but the training set has 1437, leaving none to purify"),
+    ("empty k grid", ["--set", "checks.vote_ks=[]"], r"checks\.vote_ks=\[\] (tries no k|: give at least one k)"),
+    ("second view width 0", ["--set", "features.second_view_dim=0"], r"second_view_dim=0 is outside 1\.\.65536"),
+    ("second view width negative", ["--set", "features.second_view_dim=-5"], r"second_view_dim=-5 is outside"),
+    ("second view width 10**12", ["--set", "features.second_view_dim=1000000000000"],
+     r"second_view_dim=1000000000000 is outside 1\.\.65536"),
+    ("purifier epochs 10**12", ["--set", "preprocessor.params={epochs: 1000000000000}"],
+     r"preprocessor\.params\.epochs=1000000000000 is more than the 10000 epochs allowed \(.* 31,710 years\)"),
+    ("SimCLR epochs 10**9", ["--set", "features.ssl={epochs: 1000000000}"], r"features\.ssl\.epochs=1000000000 is more"),
+    ("all-zero features", ["--set", "features.source=npy", "--set", "features.path=f_zero.npy"],
+     r"f_zero\.npy' has 1437 all-zero rows"),
+    ("an .npz given as features", ["--set", "features.source=npy", "--set", "features.path=f_npz.npy"],
+     r"f_npz\.npy' is an \.npz archive \(arrays features\), not one array"),
+    ("empty features file", ["--set", "features.source=npy", "--set", "features.path=f_empty.npy"],
+     r"f_empty\.npy' could not be read without pickle \(EOFError"),
+    ("empty trusted .npy file", ["--set", "trusted.source=index_file", "--set", "trusted.file=t_empty.npy"],
+     r"t_empty\.npy' could not be read \(EOFError"),
+    ("trusted .npy of no index", ["--set", "trusted.source=index_file", "--set", "trusted.file=t_none.npy"],
+     r"t_none\.npy' lists no sample"),
+    ("one-class data set", ["--set", "dataset={name: npy, params: {images: one_x.npy, labels: one_y.npy}}"],
+     r"dataset 'npy' has one class only \(every training label is 3\)"),
+    ("--out a dangling link", ["!dangling"], r"--out 'dangling' is a symbolic link to '.*nowhere', which does not exist"),
+    ("--out name too long", ["!" + "x" * 300], r"is 300 bytes long, more than the 255 a file system allows"),
+    ("cache folder a regular file", ["--set", "features.cache_dir=blocker"],
+     r"features\.cache_dir='blocker' is a file, not a folder"),
 ]
 
 
@@ -199,7 +261,7 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(what, args, message,
     before = sorted(p.name for p in bad_files.iterdir())
     code, err, out = _run(args, bad_files, capsys, monkeypatch)
     _assert_refused(code, err, message)
-    assert not out.exists()
+    assert not os.path.exists(out)  # (False too for a name too long to look up)
     assert sorted(p.name for p in bad_files.iterdir()) == before  # no staging folder left behind
 
 
@@ -232,24 +294,115 @@ def test_unknown_method_in_a_bench_config(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_broken_plugin_fails_alone_naming_its_distribution(tmp_path, capsys, monkeypatch):
+def _purify_with_plugin(tmp_path, capsys, monkeypatch, dist: str, source: str, name: str, then=None):
+    """`dmlp purify` with preprocessor ``name`` from a fake installed distribution ``dist`` whose module is
+    ``source``: (exit code, stderr); ``then()`` runs before the registry is reset."""
     from dmlp_plugin.cli import main
     from dmlp_plugin.registry import load_registry
     from tests.test_registry import _fake_distribution
 
-    _fake_distribution(tmp_path, "brokenplug", "raise ImportError('needs libfoo')\n",
-                       "[dmlp_plugin.preprocessors]\nbroken = brokenplug:Thing\n")
+    _fake_distribution(tmp_path, dist, source, f"[dmlp_plugin.preprocessors]\n{name} = {dist}:Thing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     load_registry.cache_clear()
     try:
-        code = main(["purify", CONFIG, "--out", str(tmp_path / "o"), *FAST, "--set", "preprocessor.name=broken"])
+        code = main(["purify", CONFIG, "--out", str(tmp_path / "o"), *FAST, "--set", f"preprocessor.name={name}"])
         err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1
-        assert re.search(r"broken from entry point of brokenplug 0\.1 failed to load.*needs libfoo", err), err
         assert not (tmp_path / "o").exists()
-        assert main(["purify", CONFIG, "--out", str(tmp_path / "ok"), *FAST]) == 0  # everything else works
+        if then is not None:
+            then()
+        return code, err
     finally:
         load_registry.cache_clear()
+
+
+def test_broken_plugin_fails_alone_naming_its_distribution(tmp_path, capsys, monkeypatch):
+    from dmlp_plugin.cli import main
+
+    def everything_else_works():
+        assert main(["purify", CONFIG, "--out", str(tmp_path / "ok"), *FAST]) == 0
+
+    code, err = _purify_with_plugin(tmp_path, capsys, monkeypatch, "brokenplug", "raise ImportError('needs libfoo')\n",
+                                    "broken", then=everything_else_works)
+    assert code == 2 and err.count("\n") == 1
+    assert re.search(r"broken from entry point of brokenplug 0\.1 failed to load.*needs libfoo", err), err
+
+
+def test_plugin_calling_sys_exit_at_import_is_an_error(tmp_path, capsys, monkeypatch):
+    code, err = _purify_with_plugin(tmp_path, capsys, monkeypatch, "exitplug", "import sys\nsys.exit(0)\n", "quitter")
+    _assert_refused(code, err, r"(called sys\.exit\(0\)|exitplug.*SystemExit)")
+
+
+# `dmlp bench` settings refused before anything is written (args after `dmlp bench demo.yaml --out OUT`)
+BENCH_VALUE_CASES = [
+    ("negative seed", ["seeds=[-1]"], r"seeds\[0\]=-1 is outside 0\.\.4294967295"),
+    ("method label with ..", ["methods=[{name: ce, label: 'x/../../../victim', params: {epochs: 1}}]"],
+     r"methods\[0\]\.label='x/\.\./\.\./\.\./victim' cannot name a folder"),
+    ("method epochs 10**12", ["methods=[{name: ce, params: {epochs: 1000000000000}}]"],
+     r"methods\[0\]\.params\.epochs=1000000000000 is more than the 10000 epochs allowed"),
+]
+
+
+@pytest.mark.parametrize("what, args, message", BENCH_VALUE_CASES, ids=[c[0] for c in BENCH_VALUE_CASES])
+def test_bad_bench_settings_are_refused_before_config_yaml_is_written(what, args, message, tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _bench(args)
+    _assert_refused(code, capsys.readouterr().err, message)
+    assert list(tmp_path.iterdir()) == []  # no out/config.yaml, nothing beside it
+
+
+def test_bom_on_a_headerless_trusted_csv_keeps_the_first_row(tmp_path, monkeypatch):
+    import json
+
+    from dmlp_plugin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.csv").write_text("".join(f"{i},{i % 10}\n" for i in range(40)), encoding="utf-8-sig")
+    assert main(["purify", CONFIG, "--out", "o", *FAST, "--set", "trusted.source=index_file",
+                 "--set", "trusted.file=t.csv"]) == 0
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["trusted"]["size"] == 40
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-300])
+def test_features_of_extreme_scale_are_rescaled_not_refused(scale, tmp_path, monkeypatch):
+    from dmlp_plugin.pipeline import _load_feature_file
+
+    x = np.random.default_rng(0).random((50, 4)) + 0.1
+    np.save(tmp_path / "f.npy", x * scale)
+    got = _load_feature_file(str(tmp_path / "f.npy"), 50, "features.path")
+    assert got.dtype == np.float32 and np.all(np.isfinite(got))
+    assert np.allclose(got, x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_output_faults_read_only_parent_and_full_disk(tmp_path, capsys, monkeypatch):
+    """--out under a parent that cannot be written: refused before the run. The disk full during the final
+    write: one line saying the previous output is intact, which it is, and no temporary file is left."""
+    import errno
+    import os
+
+    from dmlp_plugin import artifacts
+    from dmlp_plugin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    parent = tmp_path / "ro"
+    (parent / "out").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, **k: Path(p).resolve() != parent and real_access(p, m, **k))
+    _assert_refused(main(["purify", CONFIG, "--out", "ro/out", *FAST]), capsys.readouterr().err,
+                    r"its replacement is built beside it, in '.*ro', which cannot be written")
+    monkeypatch.setattr(os, "access", real_access)
+    assert main(["purify", CONFIG, "--out", "o", *FAST]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifacts, "write_npz", full)
+    _assert_refused(main(["purify", CONFIG, "--out", "o", *FAST, "--set", "seed=1"]), capsys.readouterr().err,
+                    r"--out 'o' could not be written \(the disk is full\); the previous contents of 'o' are intact "
+                    r"and no temporary file was left; free some space and rerun")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dmlp_cache", "o", "ro"]
 
 
 def test_damaged_or_code_carrying_checkpoint_is_refused(tmp_path):
@@ -294,8 +447,6 @@ if __name__ == "__main__":  # the catalogue as a table
         folder = Path(tmp)
         _files(folder)
         os_cwd = Path.cwd()
-        import os
-
         os.chdir(folder)
         print("| input | message | exit code |\n|---|---|---|")
         for what, args, _ in CASES:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +19,15 @@ FAST = ["--set", "features.source=raw", "--no-progress", "--set", "checks.estima
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "dmlp_plugin", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+                               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
 
 
 @pytest.fixture(scope="module")
 def purified(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    # the one CLI run that also estimates the accuracy without true labels (3 folds)
-    r = _run("purify", CONFIG, "--out", str(out), *FAST, "--set", "checks.estimate_folds=3",
+    # the one CLI run that also estimates the accuracy without true labels (2 folds)
+    r = _run("purify", CONFIG, "--out", str(out), *FAST, "--set", "checks.estimate_folds=2",
              "--set", "noise.kind=symmetric", "--set", "noise.rate=0.8",
              "--set", "seed=0")
     assert r.returncode == 0, r.stderr
@@ -49,14 +51,16 @@ def test_purify_writes_the_artifact_metrics_and_report(purified):
     report = (out / "report.md").read_text()
     assert "| noisy (before) |" in report and "knn_vote" in report
     assert "label accuracy: noisy" in r.stdout
-    assert m["trusted_separability"]["at_chance"] is False and "warning" not in r.stderr
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning")
+              and not line.startswith("warning: the load average")]  # a busy machine may add that one
+    assert m["trusted_separability"]["at_chance"] is False and not warned
     # the accuracy estimated without true labels: dmlp and every comparison, an interval, its time counted
     est = m["estimated_accuracy"]
-    assert set(est) == {"dmlp", "knn_vote", "trusted_only", "cleanlab"} and est["dmlp"]["folds"] == 3
+    assert set(est) == {"dmlp", "knn_vote", "trusted_only", "cleanlab"} and est["dmlp"]["folds"] == 2
     assert all(0 <= e["low"] <= e["estimate"] <= e["high"] <= 1 for e in est.values())
     assert est["knn_vote"]["setting"] == {"k": m["knn_vote"]["k"], "views": m["knn_vote"]["views"]}
     assert est["dmlp"]["estimate"] > est["cleanlab"]["estimate"] - 0.2 and m["seconds"]["estimate"] > 0
-    assert "estimated without true labels (3-fold over the 40 trusted" in r.stdout
+    assert "estimated without true labels (2-fold over the 40 trusted" in r.stdout
     assert "## Label accuracy estimated without true labels" in report
 
 

@@ -250,7 +250,9 @@ def test_cache_hit_key_and_corrupt_rebuild(patterns, tmp_path, monkeypatch):
     for v in bank.views.values():
         assert v.dtype == np.float32 and v.shape[0] == 60
         np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
-    key = cache.cache_key(data, cfg)
+    import torch
+
+    key = cache.cache_key(data, cfg, 1, torch.get_num_threads())  # on the CPU the thread count is in the key
     assert bank.path.endswith(f"features-{key}.npz")
     assert bank.provenance["key"] == key and bank.provenance["backbone"] == "test_resnet"
     assert bank.provenance["data_fingerprint"] == data.fingerprint() and bank.provenance["epochs"] == 1
@@ -267,10 +269,11 @@ def test_cache_hit_key_and_corrupt_rebuild(patterns, tmp_path, monkeypatch):
         np.testing.assert_array_equal(again.views[name], bank.views[name])
     assert again.provenance == bank.provenance
 
-    assert cache.cache_key(data, dataclasses.replace(cfg, temperature=0.3)) != key
-    assert cache.cache_key(data, dataclasses.replace(cfg, backbone="resnet10t")) != key
+    threads = torch.get_num_threads()
+    assert cache.cache_key(data, dataclasses.replace(cfg, temperature=0.3), 1, threads) != key
+    assert cache.cache_key(data, dataclasses.replace(cfg, backbone="resnet10t"), 1, threads) != key
     other = ImageSet("patterns", images[1:61], labels[1:61], 3)
-    assert cache.cache_key(other, cfg) != key
+    assert cache.cache_key(other, cfg, 1, threads) != key
     monkeypatch.undo()
 
     # A damaged file (a truncated write from an older tool, a disk error) is rebuilt, not fatal.

@@ -40,7 +40,8 @@ def test_kill_9_during_ssl_and_purification_then_rerun_equals_an_uninterrupted_r
     out, cache = tmp_path / "b", tmp_path / "cache_b"
     first = _purify(out, cache, kill_at="ssl:2")  # dies once SimCLR's epoch-2 checkpoint is on disk
     assert first.returncode == -9, first.stderr[-3000:]
-    assert not out.exists() and [p.suffix for p in cache.glob("ssl-*")] == [".pt"]  # only the checkpoint
+    # only the checkpoint, and the killed run's lock (its pid is dead: the rerun takes it over)
+    assert not out.exists() and sorted(p.suffix for p in cache.glob("ssl-*")) == [".lock", ".pt"]
 
     second = _purify(out, cache, kill_at="purify:5")  # same command: SimCLR resumes, then the purifier dies
     assert second.returncode == -9, second.stderr[-3000:]
@@ -52,6 +53,7 @@ def test_kill_9_during_ssl_and_purification_then_rerun_equals_an_uninterrupted_r
     assert "resuming the purifier after epoch 5 of 12" in third.stderr
     assert "resuming SimCLR" not in third.stderr
     assert not list(cache.glob("*.pt"))  # every checkpoint is removed once the outputs are written
+    assert not list(cache.glob("*.lock"))  # and every lock, the dead runs' taken over
 
     a, b = np.load(tmp_path / "a" / "labels.npz"), np.load(out / "labels.npz")
     assert a.files == b.files

@@ -14,7 +14,8 @@ from the truth) and per-class flip rates.
   so each mapped class flips ~ rate and 40% noise flips ~20% of CIFAR-10.
 - ``pairflip``: Co-teaching's pair noise. Each sample of a source class i moves to ``pairs[i]`` with
   probability ``rate`` (an independent draw per sample); default pairs i -> (i + 1) mod C.
-- ``human``: labels read from a file (CIFAR-N style): .npy, or .npz / .pt dicts of arrays with ``key``.
+- ``human``: labels read from a file (CIFAR-N style): .npy, .npz / .pt dicts of arrays with ``key``, or
+  DivideMix's .json noise file (a list of int labels, e.g. ``0.8_sym.json``), in the training order.
 - ``instance``: instance-dependent noise (:func:`apply_instance_noise`), the generator of Xia et al.,
   NeurIPS 2020: each image's flip distribution comes from a random projection of its pixels.
 """
@@ -229,6 +230,8 @@ def _torch_safe_numpy_globals() -> list:
 def _load_label_arrays(path: Path) -> dict:
     """A labels file -> {key: array}; a .npy gives {None: array}."""
     suffix = path.suffix.lower()
+    if suffix == ".json":
+        return {None: _load_json_labels(path)}
     try:
         if suffix == ".npy":
             return {None: np.load(path, allow_pickle=False)}
@@ -249,7 +252,27 @@ def _load_label_arrays(path: Path) -> dict:
     except Exception as e:  # noqa: BLE001 (numpy/torch raise many types for a bad file; all mean the same)
         raise UserError(f"noise.file {str(path)!r} cannot be read as {suffix} label arrays ({_reason(e)}); "
                         f"it must hold only numeric arrays (no pickled objects)") from None
-    raise UserError(f"noise.file {str(path)!r} has suffix {suffix!r}; give a .npy, .npz or .pt file")
+    raise UserError(f"noise.file {str(path)!r} has suffix {suffix!r}; give a .npy, .npz, .pt or .json file")
+
+
+def _load_json_labels(path: Path) -> np.ndarray:
+    """DivideMix's noise file (``'%.1f_%s.json' % (r, noise_mode)``): a JSON list of int labels, one per
+    training sample in the data set's training order -> (N,) int64. Anything else: UserError."""
+    import json  # noqa: PLC0415
+
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"noise.file {str(path)!r} is not valid JSON ({_reason(e)}); give DivideMix's noise file, "
+                        f"a JSON list of integer labels such as [3, 8, 8, 0, ...]") from None
+    if not isinstance(obj, list) or not obj:
+        raise UserError(f"noise.file {str(path)!r} holds a JSON {type(obj).__name__}, not a non-empty list of labels; "
+                        f"give DivideMix's noise file, a JSON list of integer labels such as [3, 8, 8, 0, ...]")
+    bad = next((i for i, v in enumerate(obj) if isinstance(v, bool) or not isinstance(v, int)), None)
+    if bad is not None:
+        raise UserError(f"noise.file {str(path)!r}: item {bad} is {obj[bad]!r}, not an integer class index; "
+                        f"every item of the list must be an int")
+    return np.asarray(obj, dtype=np.int64)
 
 
 def _reason(err: Exception) -> str:
@@ -266,8 +289,8 @@ def _reason(err: Exception) -> str:
 def _read_human_labels(file, key, n: int, num_classes: int, truth: np.ndarray) -> tuple[np.ndarray, dict]:
     """(N,) int64 labels from ``file`` (``key`` selects the array in a .npz/.pt) and a JSON-able record."""
     if file is None:
-        raise UserError("noise kind human needs noise.file: a .npy, .npz or .pt of labels (e.g. CIFAR-10_human.pt "
-                        "with key aggre_label)")
+        raise UserError("noise kind human needs noise.file: a .npy, .npz, .pt or DivideMix .json of labels (e.g. "
+                        "CIFAR-10_human.pt with key aggre_label, or 0.8_sym.json)")
     path = Path(file).expanduser()
     if not path.is_file():
         raise UserError(f"noise.file {str(path)!r} not found; give the path of the human labels file "
@@ -275,7 +298,8 @@ def _read_human_labels(file, key, n: int, num_classes: int, truth: np.ndarray) -
     arrays = _load_label_arrays(path)
     if None in arrays:  # .npy
         if key is not None:
-            raise UserError(f"noise.key={key!r} given but {str(path)!r} is a .npy holding one array; remove the key")
+            raise UserError(f"noise.key={key!r} given but {str(path)!r} is a {path.suffix.lower()} holding one array; "
+                            f"remove the key")
         labels = arrays[None]
     else:
         available = ", ".join(sorted(arrays))

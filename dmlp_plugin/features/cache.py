@@ -11,7 +11,11 @@ version): another data set, backbone or any other setting gives another file. Fi
   standardised pixels (what the SSL stage bought).
 - ``features-<key>.json``: the provenance again, for people.
 - ``ssl-<key>.pt``: the SimCLR checkpoint while training runs (a killed run resumes from it); deleted
-  once the features are saved.
+  once the features are saved. ``ssl-<key>.lock`` (pid and host) while a run trains it: a second run of
+  the same key is refused with one line instead of resuming (and tearing) the first one's checkpoint.
+
+On the CPU the key includes torch's thread count (features made with 1 and 2 threads differ slightly); a
+file made before that, under the key without it, is still used, with a warning.
 
 Every file is written atomically (temporary file + rename). A cache file that cannot be read or does not
 match (wrong shapes, NaN) is rebuilt with a warning instead of crashing the run.
@@ -19,7 +23,9 @@ match (wrong shapes, NaN) is rebuilt with a warning instead of crashing the run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -30,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dmlp_plugin.atomic import write_json, write_npz
+from dmlp_plugin.atomic import exclusive, write_json, write_npz
 from dmlp_plugin.distributed import current
+from dmlp_plugin.errors import UserError
 from dmlp_plugin.records import ImageSet
 
 FORMAT_VERSION = 1
@@ -52,13 +59,16 @@ class FeatureBank:
     provenance: dict = field(default_factory=dict)
 
 
-def cache_key(imageset: ImageSet, cfg, world_size: int = 1) -> str:
-    """sha256 over (data fingerprint, settings as sorted JSON, format version, and the number of processes
+def cache_key(imageset: ImageSet, cfg, world_size: int = 1, threads: int | None = None) -> str:
+    """sha256 over (data fingerprint, settings as sorted JSON, format version, the number of processes
     when more than one: data-parallel SimCLR keeps BatchNorm statistics per process, so its features differ
-    from one process's), 16 hex digits."""
+    from one process's; and ``threads``, torch's CPU thread count when SimCLR runs on the CPU: its sums are
+    split by thread, so 1 and 2 threads give features that differ by up to ~0.16), 16 hex digits."""
     payload = {"data": imageset.fingerprint(), "config": dataclasses.asdict(cfg), "format": FORMAT_VERSION}
     if world_size > 1:
         payload["world_size"] = world_size
+    if threads is not None:
+        payload["threads"] = threads
     payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -83,61 +93,86 @@ def _load(path: Path, n: int) -> FeatureBank | None:
     return FeatureBank(views=views, path=str(path), provenance=provenance)
 
 
-def feature_quality(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                    k: int = 20) -> float:
-    """k-NN accuracy (cosine, majority vote, ties to the nearest) of test rows against labelled train rows:
-    the usual SSL monitor (InstDisc / SimCLR papers' kNN evaluation). Rows are L2-normalised here."""
-    from dmlp_plugin.checks import knn  # noqa: PLC0415
-
-    def l2(a):
-        a = np.asarray(a, dtype=np.float32)
-        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-
-    sims, idx = knn.search(l2(train_x), k, queries=l2(test_x))
-    soft = knn.vote(sims, idx, np.asarray(train_y), int(max(train_y.max(), test_y.max())) + 1, temperature=1e3)
-    return float(np.mean(soft.argmax(1) == np.asarray(test_y)))
-
-
-def _quality(imageset: ImageSet, test: ImageSet, train_f: np.ndarray, test_f: np.ndarray) -> dict:
-    # raw pixels standardised with the training split's statistics
-    xtr = imageset.images.reshape(len(imageset), -1).astype(np.float32)
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    xte = (test.images.reshape(len(test), -1).astype(np.float32) - mu) / sd
-    return {"metric": "20-NN accuracy (cosine, majority) on the test split, true labels",
-            "ssl": feature_quality(train_f, imageset.labels, test_f, test.labels),
-            "raw_pixels": feature_quality((xtr - mu) / sd, imageset.labels, xte, test.labels),
-            "test_size": len(test)}
-
-
 def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: str = "cpu",
-                 progress: bool = True, test: ImageSet | None = None) -> FeatureBank:
+                 progress: bool = True, test: ImageSet | None = None, quality=None) -> FeatureBank:
     """SimCLR features of ``imageset.images`` (uint8 (N, H, W, C)) for settings ``cfg`` (a SimCLRConfig).
 
     Loads ``<cache_dir>/features-<key>.npz`` when it exists and is sound; otherwise trains SimCLR
     (``ssl.train_simclr``, resuming from ``<cache_dir>/ssl-<key>.pt`` if a previous run was killed),
     extracts the ``plain`` and ``hflip`` views, saves them atomically with a JSON sidecar and deletes the
     checkpoint. Labels are never used to train (they only enter the data fingerprint). ``test``: a labelled
-    test split; its features are extracted too (``views["test_plain"]``) and the provenance gets ``quality``
-    (k-NN test accuracy of these features and of raw pixels; see :func:`feature_quality`).
+    test split; its features are extracted too (``views["test_plain"]``), and when ``quality`` is given (a
+    function (train features, test features) -> dict, e.g. :func:`dmlp_plugin.checks.quality.feature_report`
+    of the two splits) the provenance gets what it returns.
     """
     import torch  # noqa: PLC0415 - heavy imports on use (a cache hit still needs none of the model code)
 
     cache_dir = Path(cache_dir)
     dist = current(device)
-    key = cache_key(imageset, cfg, dist.world_size)
+    threads = None if str(device).startswith("cuda") else torch.get_num_threads()
+    key = cache_key(imageset, cfg, dist.world_size, threads)
     path = cache_dir / f"features-{key}.npz"
-    sidecar = cache_dir / f"features-{key}.json"
     n = len(imageset)
     dist.barrier()  # under several processes every one sees the same cache
-    if path.exists():
-        bank = _load(path, n)
-        if bank is not None:
-            if not sidecar.exists() and dist.is_main:
-                write_json(sidecar, bank.provenance)
-            return bank
+    bank = _cached(cache_dir, key, n, dist) or _legacy(cache_dir, imageset, cfg, dist, threads, n)
+    if bank is not None:
+        return bank
+    lock = exclusive(cache_dir / f"ssl-{key}.lock", f"the SimCLR features {str(path)!r}") if dist.is_main \
+        else contextlib.nullcontext()
+    try:
+        with lock:
+            # (made meanwhile by the run that held the lock? one process only: all of several must agree)
+            return (dist.world_size == 1 and _cached(cache_dir, key, n, dist)) or \
+                _build(imageset, cfg, cache_dir, key, device, progress, test, dist, threads, quality)
+    except OSError as e:
+        raise _write_failed(cache_dir, e) from None
+    except RuntimeError as e:  # torch.save reports a full disk so ("PytorchStreamWriter failed writing file")
+        if "failed writing" not in str(e) and "write failed" not in str(e):
+            raise
+        raise _write_failed(cache_dir, e) from None
+
+
+def _write_failed(cache_dir: Path, e: Exception) -> UserError:
+    full = isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ENOSPC
+    return UserError(f"features.cache_dir {str(cache_dir)!r} could not be written "
+                     f"({'the disk is full' if full else getattr(e, 'strerror', None) or e}); no half-written cache "
+                     f"file was left (a SimCLR checkpoint already saved is kept, and a rerun resumes from it); "
+                     f"{'free some space' if full else 'fix that'} or set features.cache_dir elsewhere, and rerun")
+
+
+def _cached(cache_dir: Path, key: str, n: int, dist) -> FeatureBank | None:
+    path, sidecar = cache_dir / f"features-{key}.npz", cache_dir / f"features-{key}.json"
+    bank = _load(path, n) if path.exists() else None
+    if bank is not None and not sidecar.exists() and dist.is_main:
+        with contextlib.suppress(OSError):  # (for people only; a read-only shared cache still serves)
+            write_json(sidecar, bank.provenance)
+    return bank
+
+
+def _legacy(cache_dir: Path, imageset: ImageSet, cfg, dist, threads: int | None, n: int) -> FeatureBank | None:
+    """A cache file made before the thread count was in the key (its thread count unknown): used, with a
+    warning naming it, so that existing caches and the results keyed on them stay valid."""
+    if threads is None:
+        return None
+    old = cache_key(imageset, cfg, dist.world_size)
+    bank = _cached(cache_dir, old, n, dist)
+    if bank is not None and dist.is_main:
+        warnings.warn(f"feature cache {bank.path} was made before the CPU thread count was part of the cache key, "
+                      f"so with an unknown thread count (features made on the CPU differ slightly by it); delete "
+                      f"it to make them again with {threads} threads", RuntimeWarning, stacklevel=3)
+    return bank
+
+
+def _build(imageset: ImageSet, cfg, cache_dir: Path, key: str, device: str, progress: bool,
+           test: ImageSet | None, dist, threads: int | None, measure=None) -> FeatureBank:
+    """Train SimCLR (resuming from its checkpoint), extract the views and save them with their provenance."""
+    import torch  # noqa: PLC0415
 
     from dmlp_plugin.features import ssl  # noqa: PLC0415
     from dmlp_plugin.features.extract import extract_features  # noqa: PLC0415
+
+    path, sidecar = cache_dir / f"features-{key}.npz", cache_dir / f"features-{key}.json"
+    n = len(imageset)
 
     ckpt = cache_dir / f"ssl-{key}.pt"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +190,7 @@ def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: 
     quality = None
     if test is not None and test.labels is not None and imageset.labels is not None and len(test):
         views["test_plain"] = extract_features(model, test.images, cfg.image_size, device)
-        quality = _quality(imageset, test, views["plain"], views["test_plain"])
+        quality = measure(views["plain"], views["test_plain"]) if measure is not None else None
     losses = [round(float(v), 5) for v in getattr(model, "simclr_losses", [])]
     provenance = {
         "method": "SimCLR (Chen et al. 2020), NT-Xent; features = pooled backbone output, L2-normalised",
@@ -173,6 +208,7 @@ def get_features(imageset: ImageSet, cfg, cache_dir: str | os.PathLike, device: 
         "n": n,
         "device": str(device),
         "world_size": dist.world_size,
+        "threads": threads,
         "torch": torch.__version__,
         "timm": _timm_version(),
         "format": FORMAT_VERSION,

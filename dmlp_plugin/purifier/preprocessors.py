@@ -591,27 +591,25 @@ class Auto:
 
         meta_idx = np.asarray(inp.meta_idx, dtype=np.int64)
         meta_labels = np.asarray(inp.meta_labels, dtype=np.int64)
-        correct = np.zeros(meta_idx.size, dtype=bool)
 
         def corrector(idx, lab):
-            hard = pre.purify(replace(inp, meta_idx=idx, meta_labels=lab, truth=None)).hard
-            held = ~np.isin(meta_idx, idx)
-            correct[held] = hard[meta_idx[held]] == meta_labels[held]
-            return hard
+            return pre.purify(replace(inp, meta_idx=idx, meta_labels=lab, truth=None)).hard
 
-        est = cv_accuracy(corrector, meta_idx, meta_labels, inp.num_classes, self._run["folds"], inp.seed, prior)
-        return est, correct
+        details = {}
+        est = cv_accuracy(corrector, meta_idx, meta_labels, inp.num_classes, self._run["folds"], inp.seed, prior,
+                          details=details)
+        return est, details["correct"]
 
     def _estimate_knn(self, inp: PurifyInputs, prior) -> tuple[dict, np.ndarray, dict, KnnVote]:
         """knn_vote's estimate with its (views, k) picked by the estimate, nested (class docstring): one neighbour
         search per view set at the largest k, votes recomputed only at the held-out rows for each trusted
         subset. Returns (estimate, held-out correctness (M,), setting, the KnnVote at the setting picked over
         the whole trusted subset)."""
-        from dmlp_plugin.estimate import stratified_folds, weighted_accuracy, weighted_point  # noqa: PLC0415
+        from dmlp_plugin.estimate import fold_count, stratified_folds, weighted_accuracy, weighted_point  # noqa: PLC0415
 
         base = self._built["knn_vote"]
         given = self.knn_vote or {}
-        folds, seed, c = self._run["folds"], inp.seed, inp.num_classes
+        asked, seed, c = self._run["folds"], inp.seed, inp.num_classes
         n = len(inp.noisy)
         ks = [int(given["k"])] if "k" in given else knn.k_grid(n, self._run["vote_ks"])
         ks = sorted({min(k, n - 1) for k in ks})
@@ -628,10 +626,10 @@ class Auto:
                     out[(w, k)] = v
             return out
 
-        def scored(t_idx, t_lab, fold, settings):  # per setting: held-out correctness and trusted-label vote
+        def scored(t_idx, t_lab, fold, n_folds, settings):  # per setting: held-out correctness, trusted-label vote
             right = {s: np.zeros(t_idx.size, bool) for s in settings}
             prob = {s: np.zeros(t_idx.size) for s in settings}
-            for f in range(folds):
+            for f in range(n_folds):
                 held = fold == f
                 if not held.any():
                     continue
@@ -647,13 +645,15 @@ class Auto:
         def pick(t_idx, t_lab):  # the best setting by the K-fold estimate over this trusted subset
             if t_idx.size < 2:
                 return (base.views, base.k) if (base.views, base.k) in settings else settings[0]
-            right, prob = scored(t_idx, t_lab, stratified_folds(t_lab, folds, seed), settings)
+            inner = fold_count(t_lab, asked)
+            right, prob = scored(t_idx, t_lab, stratified_folds(t_lab, inner, seed), inner, settings)
             # ties: the higher mean vote for the trusted label, then the first in grid order (views, then k)
             return max(settings, key=lambda s: (round(weighted_point(right[s], t_lab, c, prior), 12),
                                                  round(float(prob[s].mean()), 12)))
 
         meta_idx = np.asarray(inp.meta_idx, dtype=np.int64)
         meta_labels = np.asarray(inp.meta_labels, dtype=np.int64)
+        folds = fold_count(meta_labels, asked)
         fold = stratified_folds(meta_labels, folds, seed)
         correct = np.zeros(meta_idx.size, dtype=bool)
         fold_picks = []
@@ -664,9 +664,9 @@ class Auto:
             v = held_votes(meta_idx[~held], meta_labels[~held], meta_idx[held])[s]
             correct[held] = v.argmax(1) == meta_labels[held]
         best = pick(meta_idx, meta_labels)
-        est = weighted_accuracy(correct, meta_labels, c, prior, seed=seed)
+        est = weighted_accuracy(correct, meta_labels, c, prior)
         est.update({"folds": int(folds), "method": f"{folds}-fold cross-validation over the {meta_idx.size} trusted "
-                                                   f"samples, each fold's k and views picked by an inner {folds}-fold "
+                                                   f"samples, each fold's k and views picked by an inner K-fold "
                                                    f"over the other folds",
                     "weights": "class shares of the untrusted rows' purified labels"})
         setting = {"k": int(best[1]), "views": best[0], "ks": ks, "view_sets": list(sets), "fold_picks": fold_picks,

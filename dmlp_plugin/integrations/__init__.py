@@ -1,0 +1,1 @@
+"""Bridges to other libraries' plugin systems (each needs its library: an optional extra)."""
