@@ -96,9 +96,10 @@ class Registry:
             obj = importlib.import_module(module_name)
             for part in attr.split("."):
                 obj = getattr(obj, part)
-        except Exception as exc:  # a broken plugin must fail only for itself
-            raise UserError(f"{kind}/{name} from {e.source} failed to load ({e.target}): "
-                            f"{type(exc).__name__}: {exc}; reinstall or fix that package") from None
+        except (Exception, SystemExit) as exc:  # a broken plugin (even one calling sys.exit) fails only for itself
+            what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+            raise UserError(f"{kind}/{name} from {e.source} failed to load ({e.target}): {what}; reinstall or fix "
+                            f"that package") from None
         return obj
 
 
