@@ -235,14 +235,21 @@ def _load_average() -> float | None:
         return None
 
 
-def threads_warning(n: int, cpus: int, load: float | None) -> str | None:
-    """Why ``n`` threads may run slowly here, or None."""
+def threads_warning(n: int, cpus: int, load: float | None = None) -> str | None:
+    """Why ``n`` threads will run slowly here (more threads than usable CPUs), or None. A busy machine (the
+    load average at or above the CPUs) is not printed (it changes from second to second, and a warning line
+    on every run of a shared machine is noise): :func:`load_note` goes into metrics.json instead."""
     if n > cpus:
         return (f"threads={n} is more than the {cpus} CPUs this process may use; threads that outnumber the CPUs "
                 f"wait on each other (a run can be many times slower); use threads: auto or --threads {cpus}")
+    return None
+
+
+def load_note(n: int, cpus: int, load: float | None) -> str | None:
+    """What metrics.json says when other jobs were busy on this process's CPUs as it started, or None."""
     if n > 1 and load is not None and load >= cpus:
-        return (f"the load average is {load:.1f} with {cpus} CPUs usable here: other jobs are busy on them, and "
-                f"{n} threads wait on each other whenever one is descheduled (a run can be many times slower); "
+        return (f"the load average was {load:.1f} with {cpus} CPUs usable: other jobs were busy on them, and "
+                f"{n} threads wait on each other whenever one is descheduled (times are upper bounds); "
                 f"--threads 1 avoids that")
     return None
 
@@ -262,6 +269,9 @@ def apply_threads(value="auto", warn: bool = True) -> dict:
             "usable_cpus_source": how, "interop": _set_interop(torch, n), "faiss": _set_faiss(n),
             "load_average_1min": None if load is None else round(load, 2),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    note = load_note(n, cpus, load)
+    if note:
+        info["note"] = note
     _APPLIED = info
     message = threads_warning(n, cpus, load)
     if warn and message:
