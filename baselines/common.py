@@ -47,7 +47,8 @@ from dmlp_plugin.atomic import write_json
 from dmlp_plugin.distributed import check_world_size
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.features.backbone import create_backbone, to_input
-from dmlp_plugin.hardware import MIXED_PRECISION_MODES, bf16_hazard_layers, cpu_has_fast_bf16, resolve_mixed_precision
+from dmlp_plugin.hardware import (MIXED_PRECISION_MODES, bf16_hazard_layers, cpu_has_fast_bf16, resolve_device,
+                                  resolve_mixed_precision)
 
 # ----------------------------------------------------------------------------------------------- records
 
@@ -185,8 +186,10 @@ def check_common(cfg) -> None:
 
 
 def make_accelerator(device: str | None = None, mixed_precision: str = "auto", model: tuple | None = None):
-    """``Accelerator(cpu=..., mixed_precision=...)``. device: None/"auto" (CUDA when available), "cpu", or
-    "cuda" (which GPU is chosen by the launcher / CUDA_VISIBLE_DEVICES). mixed_precision ``auto`` is bf16
+    """``Accelerator(cpu=..., mixed_precision=...)``. device: None/"auto" (CUDA when available), "cpu", "cuda"
+    (torch's current GPU; under a launch, each process's own) or "cuda:N" (GPU N, made torch's current device,
+    which accelerate's single-process state then trains on), checked by
+    :func:`dmlp_plugin.hardware.resolve_device` as every stage checks it. mixed_precision ``auto`` is bf16
     where the hardware runs it fast and float32 elsewhere (:mod:`dmlp_plugin.hardware`). model: (backbone,
     in_chans, input size, cifar_stem) of the network to train, checked for the CPU bfloat16 gradient bug
     (:func:`dmlp_plugin.hardware.bf16_hazard_layers`) when bf16 could be picked on the CPU. In a single
@@ -195,14 +198,7 @@ def make_accelerator(device: str | None = None, mixed_precision: str = "auto", m
     from accelerate import Accelerator  # noqa: PLC0415 - heavy import, used on demand
     from accelerate.state import AcceleratorState, PartialState  # noqa: PLC0415
 
-    dev = "auto" if device is None else str(device)
-    if dev not in ("auto", "cpu", "cuda") and not dev.startswith("cuda:"):
-        raise UserError(f"device={device!r}: choose 'cpu', 'cuda' or None (CUDA when available)")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device!r} but torch sees no CUDA device; use device='cpu' or None")
-    if dev.startswith("cuda:"):
-        raise UserError(f"device={device!r}: pick the GPU with CUDA_VISIBLE_DEVICES and pass device='cuda'")
-    cpu = dev == "cpu" or not torch.cuda.is_available()
+    cpu = resolve_device(device) == "cpu"  # cuda:N: GPU N is now torch's current device
     hazard = None
     if cpu and model is not None and (mixed_precision == "bf16" or (mixed_precision == "auto" and cpu_has_fast_bf16())):
         backbone, in_chans, size, cifar_stem = model
@@ -596,9 +592,17 @@ def progress_bar(iterable, accelerator, enabled: bool, desc: str, total: int | N
                 disable=not (enabled and accelerator.is_local_main_process))
 
 
+def device_name(device) -> str:
+    """``cuda:N`` of a CUDA device (plain ``cuda`` is torch's current GPU: its index is named), else str(device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def base_info(method: str, config, data: TrainData, seed: int, accelerator) -> dict:
     return {"method": method, "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
-            "seed": int(seed), "device": str(accelerator.device), "num_processes": accelerator.num_processes,
+            "seed": int(seed), "device": device_name(accelerator.device), "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "labels": "soft" if data.soft else "hard",
             "n_train": int(len(data.train_images)), "n_test": int(len(data.test_images)),
             "num_classes": int(data.num_classes), "noise_rate": data.noise_rate,

@@ -5,6 +5,8 @@ Checks, each timed and each allowed to fail on its own (the table says which did
    view, symmetric 80%, 1,000 trusted; labels compared with the same run on the CPU (hard labels equal?).
 2. faiss search on the GPU (``faiss-gpu``): exact inner-product 10-NN of 50,000 x 512, recall against the torch
    exact search; skipped with a note when faiss has no GPU support installed.
+2b. The ``ivf`` neighbour index (Clothing1M-size search) with its products on CUDA: 50-NN lists of 50,000
+   rows against the same index on the CPU, and its recall against exact search.
 3. One SimCLR epoch (resnet18, CIFAR stem, 32 px, batch 512) on 10,000 random images, bf16 autocast.
 4. One CE training epoch (resnet18, CIFAR stem) on 10,000 random images, bf16 (accelerate).
 5. bf16: ``torch.cuda.is_bf16_supported()`` and a bf16 matmul against float32.
@@ -93,6 +95,31 @@ def check_faiss(n: int, d: int) -> dict:
             "note": "" if backend == "faiss-gpu" else "faiss-gpu not installed or no GPU: CPU backend measured"}
 
 
+def check_ivf(device: str, n: int, d: int) -> dict:
+    """The ``ivf`` neighbour index (dmlp_plugin.checks.index) with its products on ``device``: the 50-NN lists of
+    every row on the GPU against the same index on the CPU (identical cells: same k-means), and its recall."""
+    import numpy as np
+
+    from dmlp_plugin.checks import index as ix
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((n, 16)).astype(np.float32)
+    x = np.tanh(z @ rng.standard_normal((16, d)).astype(np.float32))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    settings = ix.IndexSettings(kind="ivf", recall_sample=1000)
+    out = {}
+    for dev in dict.fromkeys([device, "cpu"]):
+        t = time.perf_counter()
+        built = ix.build_cells(lambda sel: x[sel], n, d, settings, device=dev)
+        sims, ids = ix.whole_search(built, 50)
+        out[dev] = (ids, time.perf_counter() - t, built.record)
+    ids, seconds, record = out[device]
+    same = float(np.mean(ids == out["cpu"][0]))
+    return {"device": device, "seconds_build_and_search": round(seconds, 2),
+            "seconds_cpu": round(out["cpu"][1], 2), "recall_at_10": record.get("recall_at_10"),
+            "lists_equal_to_cpu": round(same, 5), "nlist": record["nlist"], "nprobe": record["nprobe"]}
+
+
 def check_simclr(device: str, n: int, size: int, backbone: str) -> dict:
     import numpy as np
 
@@ -155,6 +182,7 @@ def main() -> None:
     checks = {
         "purify": lambda: check_purify(device, n, d),
         "faiss": lambda: check_faiss(n, d),
+        "ivf_index": lambda: check_ivf(device, n, d),
         "simclr_epoch": lambda: check_simclr(device, imgs, 32, backbone),
         "train_epoch": lambda: check_train(device, imgs, 32, backbone),
         "bf16": lambda: check_bf16(device),

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dmlp_plugin import pipeline
-from dmlp_plugin.config import ChecksConfig, FeaturesConfig, PurifyConfig, TrustedConfig
+from dmlp_plugin.config import ChecksConfig, FeaturesConfig, PurifyConfig, TrustedConfig, refuse_own_seed
 from dmlp_plugin.errors import MissingDependency, UserError
 from dmlp_plugin.records import ImageSet
 from dmlp_plugin.records import PurifyResult as _PreprocessorResult
@@ -248,6 +248,7 @@ def purify_labels(features, noisy_labels, trusted_indices, trusted_labels, *, me
     _labels(noisy, "noisy_labels", n, c)
     _labels(meta_labels, "trusted_labels", None, c)
     _check_coverage(method, meta_labels, c)
+    refuse_own_seed(params or {}, "params", "seed", seed)  # the preprocessor is seeded by seed=
     pre = _preprocessor(method, params, estimate_folds)
     dev = pipeline.resolve_device(device)
     result = pipeline.run_preprocessor(pre, views, noisy, meta_idx, meta_labels, c, None, dev, bool(progress),

@@ -108,6 +108,9 @@ def validate_bench(cfg: BenchConfig) -> dict:
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise UserError(f"seeds={cfg.seeds} lists a seed twice; list each seed once")
     check_values(cfg)
+    from dmlp_plugin.data.noise import check_configs  # noqa: PLC0415
+
+    check_configs(cfg)
     if not cfg.noise:
         raise UserError("noise is empty; give at least one setting, e.g. noise: [{kind: symmetric, rate: 0.8}]")
     tags = [check_name(noise_tag(n), f"noise[{i}]'s folder name", f"noise kind {n.kind!r} gives no folder-safe "

@@ -166,12 +166,26 @@ def _overrides(args) -> list[str]:
     return list(args.overrides) + ([f"threads={threads}"] if threads is not None else [])
 
 
+def _check_launcher_precision(cfg) -> None:
+    """Before any work: the config's explicit precision settings against the launcher's explicit mixed
+    precision (``accelerate launch --mixed_precision``; see :func:`dmlp_plugin.hardware.launcher_precision_for`),
+    so that a clash is one line now, not an error after hours of an earlier stage."""
+    from dmlp_plugin.hardware import launcher_precision_for  # noqa: PLC0415
+
+    if cfg.features.source == "ssl" and not getattr(cfg, "purified_labels", None):
+        launcher_precision_for(str((cfg.features.ssl or {}).get("amp", "auto")), "features.ssl.amp")
+    for i, m in enumerate(getattr(cfg, "methods", [])):
+        launcher_precision_for(str((m.params or {}).get("mixed_precision", "auto")),
+                               f"methods[{i}].params.mixed_precision")
+
+
 def _cmd_purify(args, ui: _Ui) -> tuple[int, dict]:
     from dmlp_plugin.config import load_config  # noqa: PLC0415
     from dmlp_plugin.distributed import launcher_rank  # noqa: PLC0415
     from dmlp_plugin.pipeline import purify_run  # noqa: PLC0415
 
     cfg, raw = load_config(args.config, _overrides(args))
+    _check_launcher_precision(cfg)
     metrics = purify_run(cfg, args.out, raw=raw, progress=ui.progress and not args.no_progress)
     if launcher_rank() != 0:  # under a launcher, process 0 speaks for all
         return 0, None
@@ -257,6 +271,7 @@ def _cmd_bench(args, ui: _Ui) -> tuple[int, dict]:
     from dmlp_plugin.distributed import launcher_rank  # noqa: PLC0415
 
     cfg, raw = load_config(args.config, _overrides(args), schema=BenchConfig)
+    _check_launcher_precision(cfg)
     records = bench_run(cfg, args.out, raw=raw, progress=ui.progress and not args.no_progress)
     if launcher_rank() != 0:  # under a launcher, process 0 speaks for all
         return 0, None
@@ -344,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         ui = _Ui(args)
+        if args.command != "env":  # (env reports; it must run anywhere)
+            from dmlp_plugin.distributed import check_launch  # noqa: PLC0415
+
+            check_launch()  # a launch whose process count this run does not see: one line, before any work
         with ui.session():
             code, obj = _COMMANDS[args.command](args, ui)
         ui.emit(obj)

@@ -30,10 +30,15 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    """Synthetic or human label noise applied to the training split (registry kind ``noise``).
+    """Synthetic or human label noise applied to the training split (registry kind ``noise``: each kind is
+    its own function, whose keyword parameters are the settings it takes).
 
-    include_true_class: symmetric noise draws the new label from all C classes (DivideMix's convention,
-    flip rate ~ rate*(1-1/C)) when true, from the other C-1 classes (flip rate ~ rate) when false.
+    rate: the noise level (symmetric, asymmetric, pairflip, instance; ``none`` and ``human`` take none and
+    record the measured flip rate). include_true_class (symmetric only): the new label is drawn from all C
+    classes (DivideMix's convention, flip rate ~ rate*(1-1/C)) when true, from the other C-1 classes (flip
+    rate ~ rate) when false. pairs (pairflip only): source class -> target class. file, key (human only): the
+    labels file and the array in it. A setting the kind does not take is refused before any work
+    (:func:`dmlp_plugin.data.noise.check_config`, run by the purify and bench validation).
     """
 
     kind: str = "symmetric"
@@ -115,7 +120,10 @@ class ChecksConfig:
     ``estimate_folds``: K of the label-accuracy estimate that needs no true labels (K-fold cross-validation
     over the trusted subset, :mod:`dmlp_plugin.estimate`) for the preprocessor and every comparison; 0 turns it
     off (not with ``preprocessor: auto``, which chooses by it). It costs K more runs of each;
-    ``estimate_compare: false`` estimates the preprocessor only."""
+    ``estimate_compare: false`` estimates the preprocessor only. ``index``: how neighbours are searched at scale
+    (kind ``auto``: exact below ``threshold`` rows, default 200,000, an approximate faiss IVF index at or above;
+    ``exact``, ``ivf`` or ``hnsw``; nlist, nprobe, train_size, hnsw_m, ef_construction, ef_search, recall_sample,
+    recall_k: see :class:`dmlp_plugin.checks.index.IndexSettings`); the recall measured goes into metrics.json."""
 
     k: int = 10
     vote_ks: str | list = "auto"
@@ -123,6 +131,7 @@ class ChecksConfig:
     compare: list = field(default_factory=lambda: ["knn_vote", "trusted_only", "cleanlab"])
     estimate_folds: int = 5
     estimate_compare: bool = True
+    index: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -509,11 +518,41 @@ def check_epochs(params: dict, where: str) -> None:
                             f"epoch it would run {years:,.0f} years); give a count such as 100")
 
 
+def _keys_named(params, name: str, where: str):
+    """(dotted key, value) of every ``name`` setting in a free-form params mapping (nested: ``auto``)."""
+    if not isinstance(params, dict):
+        return
+    for k, v in params.items():
+        if k == name:
+            yield f"{where}.{k}", v
+        elif isinstance(v, dict):
+            yield from _keys_named(v, name, f"{where}.{k}")
+
+
+def refuse_own_seed(params, where: str, run: str, run_value) -> None:
+    """UserError when the preprocessor parameters ``params`` (named ``where``) hold a ``seed`` at any depth:
+    every preprocessor draws its randomness from the run's seed (``PurifyInputs.seed``, see
+    :class:`dmlp_plugin.interfaces.Preprocessor`; ``dmlp`` replaces its own ``seed`` field by it), so such a
+    seed would be ignored. ``run`` / ``run_value``: the run's seed setting and its value, for the message."""
+    for key, value in _keys_named(params, "seed", where):
+        raise UserError(f"{key}={value!r} is not honoured: a preprocessor is seeded by the run's {run} "
+                        f"({run}={run_value!r}); remove it and set {run} instead")
+
+
+def check_preprocessor_seed(cfg) -> None:
+    """Refuse a preprocessor's own ``seed`` (``preprocessor.params.seed``, ``preprocessor.params_for.<name>.seed``,
+    ``auto``'s ``params.<candidate>.seed``): see :func:`refuse_own_seed`."""
+    run = "seed" if hasattr(cfg, "seed") else "seeds"
+    refuse_own_seed(cfg.preprocessor.params_for, "preprocessor.params_for", run, getattr(cfg, run))
+    refuse_own_seed(cfg.preprocessor.params, "preprocessor.params", run, getattr(cfg, run))
+
+
 def check_values(cfg) -> None:
     """Settings of a PurifyConfig or BenchConfig that are the right type but no run could use: UserError."""
     seeds = [("seed", cfg.seed)] if hasattr(cfg, "seed") else [(f"seeds[{i}]", s) for i, s in enumerate(cfg.seeds)]
     for where, s in seeds:
         check_seed(s, where)
+    check_preprocessor_seed(cfg)
     check_threads(getattr(cfg, "threads", "auto"))
     t = cfg.trusted
     if t.size != t.size or t.size in (float("inf"), float("-inf")):

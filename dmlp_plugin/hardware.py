@@ -39,15 +39,38 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_device(device: str | None) -> str:
-    """``auto``/None -> ``cuda`` when a GPU is visible, else ``cpu``; ``cpu``/``cuda``/``cuda:N`` checked."""
+    """The one device vocabulary of every stage (configs' ``device``, ``purify_labels(device=)``, the trainers):
+    ``auto``/None -> ``cuda`` when a GPU is visible, else ``cpu``; ``cpu``; ``cuda`` (torch's current GPU);
+    ``cuda:N`` (GPU N of those torch sees, after CUDA_VISIBLE_DEVICES). ``cuda:N`` also makes GPU N torch's
+    current device (``torch.cuda.set_device``), so what runs on plain ``cuda`` (accelerate's single-process
+    state, the bench's trainers, a faiss GPU index on the current device) runs on GPU N too. Under a launch of
+    several processes each process takes its own GPU (cuda:LOCAL_RANK), so ``cuda:N`` is refused there.
+    Anything else, or a GPU that is not there: a one-line UserError."""
     device = "auto" if device is None else str(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device == "cpu":
+        return device
+    index = device[5:] if device.startswith("cuda:") else None
+    if device != "cuda" and not (index and index.isascii() and index.isdigit()):
+        raise UserError(f"device {device!r} is not known; use auto, cpu, cuda or cuda:N (N the index of a GPU, "
+                        f"e.g. cuda:0)")
+    if not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but no CUDA device is available; use device: auto or cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"device {device!r} is not known; use auto, cpu or cuda[:N]")
-    return device
+    if index is None:
+        return device
+    gpu, count = int(index), torch.cuda.device_count()
+    if gpu >= count:
+        raise UserError(f"device {device!r} names GPU {gpu} but torch sees {count} CUDA device"
+                        f"{'s' if count != 1 else ''} (cuda:0{f'..cuda:{count - 1}' if count > 1 else ''}); "
+                        f"use one of those, cuda or auto")
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    procs = max(launch_processes(), int(world) if world.isdigit() else 1)  # this machine's, or the whole launch's
+    if procs > 1:
+        raise UserError(f"device {device!r} names one GPU but this is a launch of {procs} processes, each on its own "
+                        f"GPU (cuda:LOCAL_RANK); use device: cuda or auto")
+    torch.cuda.set_device(gpu)
+    return f"cuda:{gpu}"
 
 
 def bf16_hazard_layers(model: nn.Module, in_chans: int, image_size: int) -> list[str]:
@@ -80,23 +103,70 @@ def bf16_hazard_layers(model: nn.Module, in_chans: int, image_size: int) -> list
     return found
 
 
-def resolve_mixed_precision(mode: str, device_type: str, cpu_hazard: list[str] | None = None) -> str:
-    """``auto`` -> ``bf16`` where the hardware runs it fast (see module docstring), else ``no``; fp16 is
-    refused on the CPU (autocast has no CPU fp16 path worth using). ``cpu_hazard``: the model's layers from
-    :func:`bf16_hazard_layers`; when non-empty, ``auto`` is float32 on the CPU and ``bf16`` is refused.
-    Other modes are returned as given."""
+LAUNCHER_PRECISIONS = ("no", "bf16", "fp16")  # of accelerate's (no, fp8, fp16, bf16), those dmlp runs
+
+
+def launcher_mixed_precision(env=None, request: dict | None = None) -> tuple[str, str] | None:
+    """The mixed precision the launcher was explicitly asked for, as (mode, where it was said), or None.
+
+    ``accelerate launch`` exports ``ACCELERATE_MIXED_PRECISION`` always, ``no`` when neither ``--mixed_precision``
+    nor its config says anything (with a warning that it defaulted); that default is not a request, so the
+    launch's own command line decides (:func:`dmlp_plugin.distributed.parent_launch`). Without an accelerate
+    parent (torchrun, a plain run) a ``ACCELERATE_MIXED_PRECISION`` in the environment is the user's request.
+    ``request``: a :func:`dmlp_plugin.distributed.launch_request` (default: this process's launch)."""
+    from dmlp_plugin.distributed import parent_launch  # noqa: PLC0415
+
+    env = os.environ if env is None else env
+    request = parent_launch() if request is None else request
+    value = str(env.get("ACCELERATE_MIXED_PRECISION", "")).strip().lower()
+    if request:
+        if request.get("mixed_precision") is None:
+            return None
+        return value or request["mixed_precision"], request["mixed_precision_from"]
+    return (value, f"ACCELERATE_MIXED_PRECISION={value}") if value else None
+
+
+def launcher_precision_for(mode: str, what: str, env=None, request: dict | None = None) -> str:
+    """A config's precision setting ``what`` (value ``mode``) with the launcher's explicit mixed precision
+    (:func:`launcher_mixed_precision`): ``auto`` takes the launcher's; an explicit value that differs from it
+    is refused in one line naming both; without a launcher request ``mode`` is returned as given."""
+    launched = launcher_mixed_precision(env, request)
+    if launched is None:
+        return mode
+    value, where = launched
+    if value not in LAUNCHER_PRECISIONS:
+        raise UserError(f"the launcher asks for mixed precision {value!r} ({where}); dmlp runs "
+                        f"{', '.join(LAUNCHER_PRECISIONS)}: launch with --mixed_precision bf16, fp16 or no")
+    if mode in ("auto", value):
+        return value
+    raise UserError(f"{what}={mode} clashes with the launcher's mixed precision {value} ({where}); make them "
+                    f"agree: set {what} to auto (it then takes the launcher's) or {value}, or launch with "
+                    f"--mixed_precision {mode}")
+
+
+def resolve_mixed_precision(mode: str, device_type: str, cpu_hazard: list[str] | None = None,
+                            what: str = "mixed_precision") -> str:
+    """``auto`` -> the launcher's explicit mixed precision when it gave one (:func:`launcher_precision_for`;
+    an explicit ``mode`` that clashes with it is refused), else ``bf16`` where the hardware runs it fast (see
+    module docstring), else ``no``; fp16 is refused on the CPU (autocast has no CPU fp16 path worth using).
+    ``cpu_hazard``: the model's layers from :func:`bf16_hazard_layers`; when non-empty, ``auto`` is float32 on
+    the CPU and ``bf16`` is refused. Other modes are returned as given. ``what``: the setting's name in
+    messages."""
     if mode not in MIXED_PRECISION_MODES:
-        raise UserError(f"mixed_precision={mode!r} is not known; use one of {', '.join(MIXED_PRECISION_MODES)}")
+        raise UserError(f"{what}={mode!r} is not known; use one of {', '.join(MIXED_PRECISION_MODES)}")
+    given = mode
+    mode = launcher_precision_for(mode, what)
     if mode == "auto":
         if device_type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_fast_bf16() and not cpu_hazard else "no"
+    said = f"{what}={mode}" if mode == given else f"the launcher's mixed precision {mode} ({what}={given})"
     if mode == "fp16" and device_type == "cpu":
-        raise UserError("mixed_precision=fp16 needs a GPU; use auto, bf16 or no on the CPU")
+        raise UserError(f"{said} needs a GPU; use auto, bf16 or no on the CPU")
     if mode == "bf16" and device_type == "cpu" and cpu_hazard:
-        raise UserError(f"mixed_precision=bf16 on the CPU: layer {cpu_hazard[0]!r} is a strided convolution on a "
+        raise UserError(f"{said} on the CPU: layer {cpu_hazard[0]!r} is a strided convolution on a "
                         f"1-pixel input, whose bfloat16 gradient this torch build gets wrong (NaN losses); use "
-                        f"mixed_precision: auto or no, or a larger image_size")
+                        f"{what}: auto or no (and no launcher --mixed_precision bf16), or a larger image_size")
     return mode
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmlp_plugin import __version__
+from dmlp_plugin import __version__, memory
 from dmlp_plugin.config import PurifyConfig, check_values, from_mapping, to_dict
 from dmlp_plugin.errors import MissingDependency, UserError
 from dmlp_plugin.hardware import apply_threads, resolve_device, threads_info
@@ -51,6 +51,9 @@ def build_component(kind: str, name: str, params: dict):
 def validate(cfg: PurifyConfig) -> dict:
     """Check every name and parameter of a purify config; returns the built components. Raises UserError."""
     check_values(cfg)
+    from dmlp_plugin.data.noise import check_configs  # noqa: PLC0415
+
+    check_configs(cfg)
     reg = load_registry()
     reg.entry("datasets", cfg.dataset.name)
     reg.entry("noise", cfg.noise.kind)
@@ -81,6 +84,7 @@ def validate(cfg: PurifyConfig) -> dict:
 
     check_ks(cfg.checks.vote_ks)
     _vote_views(cfg.checks.vote_views)
+    index_settings(cfg)
     if cfg.trusted.source == "none" and cfg.preprocessor.name in NEEDS_TRUSTED:
         raise UserError(f"preprocessor {cfg.preprocessor.name!r} needs a trusted subset; set trusted.source to "
                         f"clean_sample, index_file or knn_auto")
@@ -104,6 +108,15 @@ def validate(cfg: PurifyConfig) -> dict:
 
 
 NEEDS_TRUSTED = ("dmlp", "trusted_only", "auto")  # preprocessors that cannot run without a trusted subset
+
+
+def index_settings(cfg: PurifyConfig):
+    """``checks.index`` as :class:`dmlp_plugin.checks.index.IndexSettings` (bad keys or values: UserError)."""
+    from dmlp_plugin.checks.index import IndexSettings  # noqa: PLC0415
+
+    if not isinstance(cfg.checks.index, dict):
+        raise UserError(f"checks.index={cfg.checks.index!r} must be a mapping such as {{kind: ivf, nprobe: 32}}")
+    return IndexSettings.from_dict(cfg.checks.index)
 
 
 def with_checks(cfg: PurifyConfig, pre):
@@ -309,12 +322,20 @@ def random_relu_view(x: np.ndarray, dim: int, seed: int) -> np.ndarray:
     return _l2(out)
 
 
-def _load_feature_file(path: str, n: int, what: str) -> np.ndarray:
+IN_MEMORY_BYTES = 256 << 20  # a feature file larger than this is memory-mapped, never read whole
+
+
+def _load_feature_file(path: str, n: int, what: str, cache_dir: str | None = None) -> np.ndarray:
+    """An (N, d) .npy of features, checked and L2-normalised by row. A file over ``IN_MEMORY_BYTES`` is
+    memory-mapped and checked block by block: used as it is when its rows are float32 and unit length already,
+    else normalised block by block into ``cache_dir`` (``normalised-<key>.npy``, kept for the next run of the
+    same file) and that copy mapped; so the features are never copied whole into memory."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} {path!r} not found; give an (N, d) .npy file of features")
+    big = p.stat().st_size > IN_MEMORY_BYTES
     try:
-        x = np.load(p, allow_pickle=False)
+        x = np.load(p, allow_pickle=False, mmap_mode="r" if big else None)
     except (ValueError, OSError, EOFError) as e:
         raise UserError(f"{what} {path!r} could not be read without pickle ({type(e).__name__}: {e}); save a plain "
                         f"float array with np.save") from None
@@ -330,17 +351,66 @@ def _load_feature_file(path: str, n: int, what: str) -> np.ndarray:
     if x.shape[0] != n:
         raise UserError(f"{what} {path!r} has {x.shape[0]} rows but the data set has {n} training samples; "
                         f"give one feature row per sample, in the data set's order")
+    unit, zero, first_zero = True, 0, None
+    block = max(1, (64 << 20) // max(1, x.shape[1] * x.itemsize))
+    for a in range(0, n, block):
+        ok, z, fz = _check_feature_rows(np.asarray(x[a:a + block]), a, path, what)
+        unit, zero = unit and ok, zero + z
+        first_zero = first_zero if first_zero is not None else fz
+    if zero:
+        raise UserError(f"{what} {path!r} has {zero} all-zero rows (first: row {first_zero}), which have no direction "
+                        f"to compare; give every sample a non-zero feature row")
+    if not big:
+        return _rescaled_l2(x)
+    if unit and x.dtype == np.float32:
+        return x  # the mapped file itself
+    return _normalised_copy(p, x, Path(cache_dir or ".dmlp_cache"), block)
+
+
+def _check_feature_rows(x: np.ndarray, offset: int, path: str, what: str) -> tuple[bool, int, int | None]:
+    """One block of rows (``offset``...): UserError for NaN/Inf; returns (every row unit length, the number of
+    all-zero rows, the first one's row or None)."""
     if not np.all(np.isfinite(x)):
-        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        bad = offset + int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
         raise UserError(f"{what} {path!r} has NaN or Inf values (first in row {bad}); clean the features")
     zero = ~np.any(x != 0, axis=1)
-    if zero.any():
-        raise UserError(f"{what} {path!r} has {int(zero.sum())} all-zero rows (first: row {int(np.flatnonzero(zero)[0])}), "
-                        f"which have no direction to compare; give every sample a non-zero feature row")
+    first = offset + int(np.flatnonzero(zero)[0]) if zero.any() else None
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # extreme rows are rescaled later
+        norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    return bool(np.all(np.abs(norms - 1.0) < 1e-4)), int(zero.sum()), first
+
+
+def _rescaled_l2(x: np.ndarray) -> np.ndarray:
     scale = np.abs(x).max(axis=1).astype(np.float64)
     if scale.max() > 1e18 or scale.min() < 1e-18:  # float32 squares would overflow or vanish: rescale rows first
         x = (x.astype(np.float64) / scale[:, None]).astype(np.float32)
-    return _l2(x)
+    return _l2(np.asarray(x, dtype=np.float32))
+
+
+def _normalised_copy(p: Path, x: np.ndarray, cache_dir: Path, block: int) -> np.ndarray:
+    """The rows of mapped ``x`` L2-normalised into ``cache_dir`` (atomically: a partial copy is never used),
+    keyed by the file's path, size and modification time; returned memory-mapped, read-only."""
+    from dmlp_plugin.atomic import exclusive  # noqa: PLC0415
+
+    st = p.stat()
+    key = hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode(), usedforsecurity=False).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"normalised-{key}.npy"
+    with exclusive(target.with_suffix(".lock"), f"the normalised copy {str(target)!r}"):
+        if not target.exists():
+            tmp = target.with_name(target.name + f".partial{os.getpid()}")
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=x.shape)
+                for a in range(0, x.shape[0], block):
+                    out[a:a + block] = _rescaled_l2(np.asarray(x[a:a + block]))
+                out.flush()
+                del out
+                os.replace(tmp, target)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise UserError(f"could not write the normalised features {str(target)!r} ({e.strerror or e}); free "
+                                f"disk space or set features.cache_dir to a writable folder") from None
+    return np.load(target, mmap_mode="r")
 
 
 def raw_pixel_features(images: np.ndarray) -> np.ndarray:
@@ -360,7 +430,7 @@ def make_views(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, pr
             raise UserError(f"features.second_view={f.second_view} needs images, and dataset {cfg.dataset.name!r} has "
                             f"none (labels only); use second_view: random_relu (or same), or give features.path2")
     if f.source == "npy":
-        v1 = _load_feature_file(f.path, n, "features.path")
+        v1 = _load_feature_file(f.path, n, "features.path", f.cache_dir)
         prov = {"source": "npy", "path": str(f.path)}
     elif f.source == "raw":
         v1 = raw_pixel_features(data.train.images)
@@ -375,7 +445,7 @@ def make_views(cfg: PurifyConfig, data: DataSplits, device: str, built: dict, pr
         v1 = bank.views["plain"]
         prov = {"source": "ssl", "cache": bank.path, **bank.provenance}
     if f.path2:
-        v2 = _load_feature_file(f.path2, n, "features.path2")
+        v2 = _load_feature_file(f.path2, n, "features.path2", f.cache_dir)
         prov["view2"] = {"source": "npy", "path": f.path2}
     elif f.second_view == "hflip":
         v2 = bank.views["hflip"]
@@ -485,17 +555,68 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
                   checkpoint: str | None = None) -> Purified:
     """noise -> trusted subset -> preprocessor (+ the comparison preprocessors when the truth is known)
     for one seed (``cfg.seed``), on features already made. Writes nothing but the preprocessor's
-    ``checkpoint`` (a killed run resumes from it; the caller deletes it once its outputs are written)."""
+    ``checkpoint`` (a killed run resumes from it; the caller deletes it once its outputs are written).
+    Every neighbour search inside follows ``checks.index``; what each approximate index measured (recall
+    against exact search on a sample) goes into the metrics as ``neighbour_index``."""
+    from dmlp_plugin.checks import index as ix  # noqa: PLC0415
+
+    settings = index_settings(cfg)
+    ix.clear_records()
+    with ix.using(settings):
+        out = _purify_labels(cfg, data, views, built, device, progress, raw, timings, checkpoint)
+    out.metrics["neighbour_index"] = {"kind": settings.plan(len(out.result.hard)),
+                                      "settings": dataclasses.asdict(settings), "indexes": ix.records()}
+    return out
+
+
+def memory_needed(cfg: PurifyConfig, views: Views, num_classes: int, comparing: bool) -> tuple[int, str]:
+    """Bytes the run will hold at its peak beyond what it holds now, roughly, and the part that dominates:
+    the kNN searches (each view set searched: the concatenated views made in memory, an approximate index's
+    copy of the rows, the neighbour lists at the largest k and the votes) or the purifier (its neighbour graph
+    and the (N, C) tables). Memory-mapped views count nothing; views held in memory already count nothing."""
+    from dmlp_plugin.checks import knn  # noqa: PLC0415
+
+    arrays = views.arrays
+    n = int(arrays[0].shape[0])
+    settings = index_settings(cfg)
+    knn_runs = (comparing and "knn_vote" in cfg.checks.compare) or cfg.preprocessor.name in ("knn_vote", "auto")
+    searches = 0
+    if knn_runs:
+        kmax = knn.k_grid(n, cfg.checks.vote_ks)[-1]
+        for which in _vote_views(cfg.checks.vote_views) or knn.distinct_view_sets(arrays):
+            d = sum(int(a.shape[1]) for a in arrays) if which == "all" else int(arrays[int(which) - 1].shape[1])
+            made = n * d * 4 if which == "all" else 0
+            index = n * d * 4 if settings.plan(n) != "exact" else 0
+            searches = max(searches, made + index + n * kmax * 12 + n * num_classes * 4 * 9)
+    dmlp = n * 300 * 12 + n * num_classes * 4 * 8 if cfg.preprocessor.name in ("dmlp", "auto") else 0
+    return (searches, "the kNN comparison") if searches >= dmlp else (dmlp, "the purifier")
+
+
+def check_memory(cfg: PurifyConfig, views: Views, num_classes: int, comparing: bool) -> None:
+    """Refuse, before the long work, a run that would need more memory than the machine has left."""
+    need, what = memory_needed(cfg, views, num_classes, comparing)
+    left = memory.available_bytes()
+    if left is not None and need > 0.9 * left:
+        d = "+".join(str(int(a.shape[1])) for a in views.arrays)
+        raise UserError(f"this run would need about {need / 2**30:.1f} GiB more memory for {what} (N={len(views.arrays[0]):,}, "
+                        f"views {d} dims) but {left / 2**30:.1f} GiB is available; use features.second_view=same or a "
+                        f"smaller features.second_view_dim, checks.vote_views=[1], or drop knn_vote from checks.compare")
+
+
+def _purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict, device: str,
+                   progress: bool = True, raw: dict | None = None, timings: dict | None = None,
+                   checkpoint: str | None = None) -> Purified:
     from dmlp_plugin import metrics as M  # noqa: PLC0415
     from dmlp_plugin.artifacts import LabelsArtifact  # noqa: PLC0415
     from dmlp_plugin.checks.knn import trusted_separability  # noqa: PLC0415
     from dmlp_plugin.distributed import current  # noqa: PLC0415
 
     dist = current(device)
-    timings = dict(timings or {})
+    timings, peaks = dict(timings or {}), {}
     noisy_labels, truth = make_noisy(cfg, data)
     noisy = noisy_labels.labels
     c = data.train.num_classes
+    check_memory(cfg, views, c, comparing=truth is not None)
     meta_idx, meta_labels = select_trusted(cfg, noisy, truth, c, views.arrays[0])
     if meta_idx.size == 0 and cfg.preprocessor.name in NEEDS_TRUSTED:
         raise UserError(f"preprocessor {cfg.preprocessor.name!r} needs a trusted subset; set trusted.source to "
@@ -507,7 +628,8 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
               f"at least; {meta_idx.size} trusted in all): the purifier anchors each class on its trusted samples, "
               f"so those classes are purified poorly; give more trusted samples of them", file=sys.stderr)
     t = time.perf_counter()
-    separability = trusted_separability(views.arrays[0], meta_idx, meta_labels)
+    with memory.stage(peaks, "checks"):
+        separability = trusted_separability(views.arrays[0], meta_idx, meta_labels)
     timings["checks"] = time.perf_counter() - t
     if separability is not None and separability["at_chance"] and dist.is_main:
         print(f"warning: the features do not tell the {separability['trusted']} trusted samples' classes apart "
@@ -517,16 +639,14 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
 
     pre = with_checks(cfg, built["preprocessor"])  # (cfg may differ from the one validated: a benchmark's cells)
     t = time.perf_counter()
-    result = run_preprocessor(pre, views, noisy, meta_idx, meta_labels, c, truth, device, progress, cfg.seed,
-                              checkpoint)
+    with memory.stage(peaks, "purify"):
+        result = run_preprocessor(pre, views, noisy, meta_idx, meta_labels, c, truth, device, progress, cfg.seed,
+                                  checkpoint)
     timings["purify"] = time.perf_counter() - t
     auto = result.info.get("auto") if isinstance(result.info.get("auto"), dict) else None
     if auto is not None:  # auto's K-fold estimates are the run's estimate work: timed as such, reused below
         timings["purify"] -= auto["seconds"]["estimate"]
         timings["estimate"] = auto["seconds"]["estimate"]
-    t = time.perf_counter()
-    agreement = neighbour_agreement(views.arrays[0], result.hard, cfg.checks.k)
-    timings["checks"] += time.perf_counter() - t
 
     is_meta = np.zeros(len(noisy), bool)
     is_meta[meta_idx] = True
@@ -540,7 +660,6 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
                     "fraction": float(meta_idx.size / len(noisy))},
         "features": views.provenance,
         "mean_confidence": float(result.confidence[rest].mean()) if rest.any() else None,
-        "mean_neighbour_agreement": float(agreement.mean()),
         "trusted_separability": separability,
         "seconds": timings, "threads": threads_info(),
         "config_hash": config_hash(raw or to_dict(cfg)), "versions": versions(),
@@ -559,14 +678,22 @@ def purify_labels(cfg: PurifyConfig, data: DataSplits, views: Views, built: dict
         metrics["label_accuracy_before"] = M.label_accuracy(noisy[rest], truth[rest])
         metrics["label_accuracy_after"] = M.label_accuracy(result.hard[rest], truth[rest])
         metrics.update(M.fixed_broken(noisy[rest], result.hard[rest], truth[rest]))
-        metrics.update(_compare(cfg, views, noisy, meta_idx, meta_labels, c, truth, device, rest, timings,
-                                reuse=getattr(result, "candidates", None)))
-    estimates = _estimates(cfg, pre, views, noisy, meta_idx, meta_labels, c, device, result.hard[rest], metrics,
-                           timings, auto=auto)
+        with memory.stage(peaks, "compare"):
+            metrics.update(_compare(cfg, views, noisy, meta_idx, meta_labels, c, truth, device, rest, timings,
+                                    reuse=getattr(result, "candidates", None)))
+    with memory.stage(peaks, "estimate"):
+        estimates = _estimates(cfg, pre, views, noisy, meta_idx, meta_labels, c, device, result.hard[rest],
+                               metrics, timings, auto=auto)
+    t = time.perf_counter()  # after the comparison: its kNN lists (k up to 400) serve this k = 10 search
+    with memory.stage(peaks, "checks"):
+        agreement = neighbour_agreement(views.arrays[0], result.hard, cfg.checks.k)
+    timings["checks"] += time.perf_counter() - t
+    metrics["mean_neighbour_agreement"] = float(agreement.mean())
     if estimates:
         metrics["estimated_accuracy"] = estimates
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
     metrics["seconds"] = timings
+    metrics["peak_rss_mib"] = peaks  # per stage: the high-water mark, and the part that is not mapped files
 
     art = LabelsArtifact(hard=result.hard, soft=result.soft, confidence=result.confidence,
                          neighbour_agreement=agreement, noisy=noisy.astype(np.int64), meta_indices=meta_idx,
@@ -710,12 +837,14 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
     device = resolve_device(cfg.device)
     dist = current(device)  # under accelerate launch / torchrun: the purifier shards its rows
     progress = progress and dist.is_main
-    timings = {}
+    timings, peaks = {}, {}
     t = time.perf_counter()
-    data = load_data(cfg)
+    with memory.stage(peaks, "data"):
+        data = load_data(cfg)
     timings["data"] = time.perf_counter() - t
     t = time.perf_counter()
-    views = make_views(cfg, data, device, built, progress)  # every process: see features.cache.get_features
+    with memory.stage(peaks, "features"):
+        views = make_views(cfg, data, device, built, progress)  # every process: see features.cache.get_features
     timings["features"] = time.perf_counter() - t
     # the purifier's progress, kept beside the features until DIR is written (a killed run resumes from it);
     # its lock keeps a second run of the same config off it while this one runs
@@ -725,6 +854,7 @@ def purify_run(cfg: PurifyConfig, out: str | Path, raw: dict | None = None, prog
         else contextlib.nullcontext()
     with lock:
         p = purify_labels(cfg, data, views, built, device, progress, raw, timings, checkpoint=str(ckpt))
+        p.metrics["peak_rss_mib"] = {**peaks, **p.metrics.get("peak_rss_mib", {})}
         if not dist.is_main:  # process 0 writes; the others wait until it has
             dist.barrier()
             return p.metrics

@@ -254,6 +254,26 @@ def auto_line(metrics: dict) -> str | None:
     return f"auto {auto['reason']}" if isinstance(auto, dict) else None
 
 
+def index_lines(info: dict | None) -> list[str]:
+    """How the neighbours were searched: exact, or each approximate index with its measured recall."""
+    if not info:
+        return []
+    built = [r for r in info.get("indexes", []) if not r.get("reused")]
+    if not built:
+        return ["", f"Neighbour search: exact (approximate from {info['settings']['threshold']:,} rows; "
+                    f"`checks.index`)."]
+    out = ["", "Neighbour search: approximate (`checks.index`); each index's recall against exact search:", "",
+           "| index | rows x dims | setting | recall@10 (queries) | build s | recall check s |", "|---|---|---|---|---|---|"]
+    for r in built:
+        setting = (f"nlist {r['nlist']}, nprobe {r['nprobe']}" if r["kind"] == "ivf" else
+                   f"M {r.get('hnsw_m')}, efSearch {r.get('ef_search')}")
+        rec = r.get("recall_at_10")
+        rec_text = "-" if rec is None else f"{rec:.4f} ({r['recall_queries']:,})"
+        out.append(f"| {r['kind']} | {r['rows']:,} x {r['dims']} | {setting} | {rec_text} | "
+                   f"{r['seconds_build']:.1f} | {r.get('seconds_recall', 0):.1f} |")
+    return out
+
+
 def auto_lines(metrics: dict) -> list[str]:
     """The report section of ``auto``: its rule, and each candidate's estimate, paired difference from the first
     candidate and seconds (and true accuracy when known, never used by the choice)."""
@@ -363,8 +383,13 @@ def write_purify_report(folder: Path, metrics: dict, result, art, class_names=()
                   f"{_fmt(metrics['mean_neighbour_agreement'])}.", ""]
     lines += auto_lines(metrics)
     lines += estimate_lines(metrics)
-    lines += ["## Timings (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in metrics["seconds"].items()]
+    lines += ["## Timings (s)", "", "| stage | seconds | peak memory MiB (beyond mapped files) |", "|---|---|---|"]
+    peaks = metrics.get("peak_rss_mib") or {}
+    for k, v in metrics["seconds"].items():
+        p = peaks.get("compare" if k.startswith("compare_") else k) or {}
+        mem = f"{p['peak_mib']:,} ({p['beyond_mapped_mib']:,})" if p.get("peak_mib") is not None else ""
+        lines.append(f"| {k} | {v:.1f} | {mem} |")
+    lines += index_lines(metrics.get("neighbour_index"))
     lines += ["", "Files: `labels.npz` (hard, soft, confidence, neighbour_agreement, noisy, meta_indices, "
               "meta_labels, fingerprint), `metrics.json`, `history.json`, `config.yaml`.", ""]
     write_text(folder / "report.md", "\n".join(lines))

@@ -95,7 +95,7 @@ def test_registry_list_json(capsys):
     names = [e["name"] for e in obj["components"]["preprocessors"]]
     assert "dmlp" in names and "knn_vote" in names
     assert main(["registry", "list", "noise", "-v"]) == 0
-    assert "(dmlp_plugin.data.noise:apply_noise)" in capsys.readouterr().out
+    assert "(dmlp_plugin.data.noise:symmetric_noise)" in capsys.readouterr().out
 
 
 def test_bench_table_columns_line_up():

@@ -149,18 +149,32 @@ def _simclr_args(tmp_path, name):
 
 
 def test_simclr_features_under_torchrun_and_a_kill_9_resumes(tmp_path):
-    # stage 1 data-parallel: both processes train SimCLR (DDP, whole-batch NT-Xent over gathered embeddings),
-    # process 0 caches the features once, and purification reads them
+    # stage 1 under 2 processes: process 0 trains SimCLR as one process would and caches the features, the
+    # other waits and gets them; so the same command on 1 process makes the same file, bit for bit, and the
+    # same hard labels
     r = _launch(["-m", "dmlp_plugin", *_simclr_args(tmp_path, "o")], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     caches = sorted(p.name for p in (tmp_path / "cache_o").iterdir())
     assert [c for c in caches if c.endswith(".npz")] and not [c for c in caches if c.endswith(".pt")]
     sidecar = next((tmp_path / "cache_o").glob("features-*.json"))
     prov = json.loads(sidecar.read_text())
-    assert prov["world_size"] == 2 and len(prov["loss_history"]) == 3
+    assert prov["world_size"] == 1 and len(prov["loss_history"]) == 3 and prov["quality"]
     assert all(np.isfinite(prov["loss_history"]))
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["label_accuracy_after"] > metrics["label_accuracy_before"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    solo = subprocess.run([sys.executable, "-m", "dmlp_plugin", *_simclr_args(tmp_path, "s")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert solo.returncode == 0, solo.stderr[-3000:]
+    one, two = (next((tmp_path / f"cache_{n}").glob("features-*.npz")) for n in ("s", "o"))
+    assert one.name == two.name  # the same cache key under 1 and 2 processes
+    f1, f2 = np.load(one), np.load(two)
+    assert all(f1[v].tobytes() == f2[v].tobytes() for v in ("plain", "hflip", "test_plain"))
+    assert json.loads(next((tmp_path / "cache_s").glob("features-*.json")).read_text())["quality"] == prov["quality"]
+    l1, l2 = np.load(tmp_path / "s" / "labels.npz"), np.load(tmp_path / "o" / "labels.npz")
+    np.testing.assert_array_equal(l1["hard"], l2["hard"])
+    np.testing.assert_allclose(l1["soft"], l2["soft"], atol=1e-4)
 
     # both processes SIGKILLed once SimCLR's epoch-1 checkpoint is on disk; the same launch resumes at epoch 2
     # and ends with the uninterrupted run's features and labels, bit for bit

@@ -367,7 +367,7 @@ def test_feature_cache_key_has_the_thread_count_and_old_files_still_serve(tmp_pa
     images = np.random.default_rng(0).integers(0, 255, (12, 8, 8, 1)).astype(np.uint8)
     data = ImageSet("tiny", images, np.arange(12) % 2, 2)
     cfg = SimCLRConfig()
-    keys = {cache_key(data, cfg, 1, t) for t in (None, 1, 2)}
+    keys = {cache_key(data, cfg, t) for t in (None, 1, 2)}
     assert len(keys) == 3
     legacy = cache_key(data, cfg)  # the key before the thread count was in it
     feats = np.eye(12, 4, dtype=np.float32) + 1

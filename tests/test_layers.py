@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # lowest first; a module may import its own layer and the layers below it
     ("foundation", ["dmlp_plugin", "dmlp_plugin.errors", "dmlp_plugin.records", "dmlp_plugin.metrics",
                     "dmlp_plugin.atomic", "dmlp_plugin.config", "dmlp_plugin.hardware", "dmlp_plugin.distributed",
-                    "dmlp_plugin.registry", "dmlp_plugin.estimate"]),
+                    "dmlp_plugin.registry", "dmlp_plugin.estimate", "dmlp_plugin.memory"]),
     ("data", ["dmlp_plugin.data"]),
     ("features", ["dmlp_plugin.features"]),
     ("purifier/checks", ["dmlp_plugin.checks", "dmlp_plugin.purifier"]),

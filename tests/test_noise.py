@@ -6,6 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from dmlp_plugin.data import noise as noise_module
 from dmlp_plugin.data.noise import CIFAR10_ASYMMETRIC, KINDS, NoisyLabels, apply_noise
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.metrics import transition_matrix
@@ -133,8 +134,10 @@ def test_per_class_flip_rate_is_none_for_absent_classes():
 
 @pytest.mark.parametrize("kw, match", [
     ({"kind": "symmetric", "rate": 1.0}, "outside"), ({"kind": "symmetric", "rate": -0.1}, "outside"),
-    ({"kind": "symmetric", "rate": "0.5"}, "outside"), ({"kind": "gaussian"}, "unknown noise kind"),
+    ({"kind": "symmetric", "rate": "0.5"}, "outside"), ({"kind": "gaussian"}, "unknown noise 'gaussian'"),
     ({"kind": "symmetric", "pairs": {0: 1}}, "pairflip"), ({"kind": "pairflip", "file": "x.npy"}, "human"),
+    ({"kind": "none", "rate": 1.5}, "outside"), ({"kind": "human", "rate": -1.0}, "outside"),
+    ({"kind": "symmetric", "rat": 0.5}, "unknown setting 'rat'"),
 ])
 def test_bad_arguments_are_user_errors(kw, match):
     with pytest.raises(UserError, match=match):
@@ -148,11 +151,112 @@ def test_bad_truth_is_a_user_error():
         apply_noise(np.array([0.0, 1.0]), C, kind="none")
 
 
-def test_every_noise_name_in_the_registry_resolves_to_apply_noise():
+# The parameters each kind takes: its function's keyword parameters (noise.* settings), nothing else.
+OWN_PARAMETERS = {"none": (), "symmetric": ("rate", "include_true_class"), "asymmetric": ("rate",),
+                  "pairflip": ("rate", "pairs"), "human": ("file", "key"), "instance": ("rate",)}
+
+
+def test_every_noise_kind_is_its_own_registered_function_with_its_own_parameters():
     reg = load_registry()
-    assert set(KINDS) <= set(reg.names("noise"))
-    for kind in KINDS:
-        assert reg.get("noise", kind) is apply_noise
+    assert set(KINDS) | {"instance"} <= set(reg.names("noise"))
+    fns = {kind: reg.get("noise", kind) for kind in OWN_PARAMETERS}
+    assert len({id(f) for f in fns.values()}) == len(fns)  # no function dispatching on the kind inside
+    assert all(f is not apply_noise for f in fns.values())
+    for kind, fn in fns.items():
+        assert noise_module.kind_parameters(fn) == OWN_PARAMETERS[kind], kind
+
+
+def test_the_settings_are_the_noise_config_fields():
+    import dataclasses
+
+    from dmlp_plugin.config import NoiseConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(NoiseConfig)}
+    assert set(noise_module.SETTINGS) == set(fields) - {"kind"}
+    for name, unset in noise_module.UNSET.items():  # an unset setting is the config's default
+        assert fields[name] == unset
+
+
+@pytest.mark.parametrize("kind, setting, value", [
+    ("symmetric", "pairs", {0: 1}), ("symmetric", "file", "x.npy"), ("symmetric", "key", "aggre_label"),
+    ("asymmetric", "include_true_class", False), ("asymmetric", "pairs", {9: 1}),
+    ("pairflip", "include_true_class", False),
+    ("pairflip", "key", "k"), ("none", "pairs", {0: 1}), ("none", "include_true_class", False),
+    ("human", "pairs", {0: 1}), ("human", "include_true_class", False),
+])
+def test_a_setting_the_kind_does_not_take_is_refused_naming_the_kind_parameters(truth, kind, setting, value):
+    fn = load_registry().get("noise", kind)
+    with pytest.raises(UserError) as e:
+        fn(truth[:100], C, kind=kind, rate=0.2, seed=0, **{setting: value})
+    msg = str(e.value)
+    assert "\n" not in msg and f"noise.{setting}={value!r} is not a parameter of noise kind {kind!r}" in msg
+    own = OWN_PARAMETERS[kind]
+    assert (f"its parameters: {', '.join(own)}" if own else "it takes no parameters") in msg
+    # the same through the registry-looked-up entry point
+    with pytest.raises(UserError, match=f"noise.{setting}="):
+        apply_noise(truth[:100], C, kind=kind, rate=0.2, **{setting: value})
+
+
+def test_unset_settings_pass_and_change_nothing(truth):
+    """What the pipeline hands every kind (every noise.* setting, the others at their defaults) gives the labels
+    of the kind's own parameters alone."""
+    unset = dict(noise_module.UNSET, rate=0.3)
+    for kind, fn in (("symmetric", noise_module.symmetric_noise), ("asymmetric", noise_module.asymmetric_noise),
+                     ("pairflip", noise_module.pairflip_noise), ("none", noise_module.no_noise)):
+        full = fn(truth, C, kind=kind, seed=4, **unset)
+        own = fn(truth, C, seed=4, **{k: unset[k] for k in OWN_PARAMETERS[kind]})
+        np.testing.assert_array_equal(full.labels, own.labels)
+        assert full.details == own.details and full.kind == kind
+
+
+def test_a_kind_function_refuses_another_kind(truth):
+    with pytest.raises(UserError, match="noise kind 'asymmetric' asked of the 'symmetric' noise model"):
+        noise_module.symmetric_noise(truth, C, kind="asymmetric", rate=0.4)
+
+
+def _old_dispatch_cases():
+    """The grid the labels of the old single ``apply_noise(kind=...)`` dispatcher were recorded on."""
+    for n, c in ((50_000, 10), (1437, 10), (997, 3), (2000, 100), (7, 2)):
+        for seed in (0, 1, 4_294_967_295):
+            for rate in (0.0, 0.2, 0.5, 0.8, 0.9):
+                for inc in (True, False):
+                    yield n, c, "symmetric", seed, {"rate": rate, "include_true_class": inc}
+                yield n, c, "pairflip", seed, {"rate": rate}
+                if c == 10:
+                    yield n, c, "asymmetric", seed, {"rate": rate}
+                    yield n, c, "pairflip", seed, {"rate": rate, "pairs": {"0": 4, 7: "2", 9: 0}}
+            yield n, c, "none", seed, {}
+            yield n, c, "none", seed, {"rate": 0.5}
+
+
+# sha256 over the grid above of (labels, details, kind, rate, flip rate, include_true_class), per kind, as the
+# single dispatcher ``apply_noise`` gave them before each kind became its own function (commit 142c9e1)
+OLD_DISPATCH_DIGESTS = {"asymmetric": "f339f2130b0b3c938558baa1", "none": "c632c3452185c89f2bf015fc",
+                        "pairflip": "f30876e0545c69fa4e35d8b1", "symmetric": "73a1129d8b49a553d88e5418"}
+
+
+@pytest.mark.parametrize("through", ["registry", "apply_noise"])
+def test_each_kind_gives_bitwise_the_labels_of_the_old_dispatcher(through):
+    import collections
+    import hashlib
+
+    reg = load_registry()
+    per_case = {}
+    for n, c, kind, seed, kw in _old_dispatch_cases():
+        t = np.random.default_rng([n, c]).integers(0, c, n)
+        if through == "registry":  # as pipeline.make_noisy calls it: every setting, the unused ones unset
+            args = {**noise_module.UNSET, "rate": 0.0, **kw}
+            out = reg.get("noise", kind)(t, c, kind=kind, seed=seed, **args)
+        else:
+            out = apply_noise(t, c, kind=kind, seed=seed, **kw)
+        h = hashlib.sha256(np.ascontiguousarray(out.labels).astype("<i8").tobytes())
+        h.update(json.dumps(out.details, sort_keys=True).encode())
+        h.update(repr((out.kind, out.rate, out.flip_rate, out.include_true_class)).encode())
+        per_case[f"{n}/{c}/{kind}/{seed}/{sorted((k, repr(v)) for k, v in kw.items())}"] = h.hexdigest()[:20]
+    digests = collections.defaultdict(hashlib.sha256)
+    for key in sorted(per_case):
+        digests[key.split("/")[2]].update(f"{key}={per_case[key]}\n".encode())
+    assert {k: d.hexdigest()[:24] for k, d in digests.items()} == OLD_DISPATCH_DIGESTS
 
 
 # ---- human noise files ------------------------------------------------------------------------------
@@ -341,8 +445,11 @@ def test_instance_noise_bad_input(images_and_truth):
         apply_instance_noise(truth, C, images=images, rate=1.2)
     with pytest.raises(UserError, match="5999 images but 6000 labels"):
         apply_instance_noise(truth, C, images=images[1:], rate=0.4)
-    with pytest.raises(UserError, match="not used by kind instance"):
+    with pytest.raises(UserError, match=r"noise.pairs=\{1: 2\} is not a parameter of noise kind 'instance' \(its "
+                                         r"parameters: rate\)"):
         apply_instance_noise(truth, C, images=images, rate=0.4, pairs={1: 2})
+    with pytest.raises(UserError, match="include_true_class=False is not a parameter"):
+        apply_instance_noise(truth, C, images=images, rate=0.4, include_true_class=False)
 
 
 def test_instance_noise_through_a_purify_config():

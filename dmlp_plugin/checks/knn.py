@@ -41,7 +41,7 @@ def backend_name() -> str:
 # process (the knn sweep's lists at k = 245 serve the neighbour-agreement check at k = 10, and a benchmark's
 # next noise setting), so an exact search of the same matrix is done once. Keyed by a digest of the matrix;
 # least recently used first out, at most SEARCH_CACHE_BYTES of neighbour lists. DMLP_KNN_CACHE=0 turns it off.
-SEARCH_CACHE_BYTES = 2 << 30
+SEARCH_CACHE_BYTES = 6 << 30
 _SEARCH_CACHE: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
 
 
@@ -51,43 +51,151 @@ def _digest(x: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _cached_search(x: np.ndarray, k: int, backend: str, run) -> tuple[np.ndarray, np.ndarray]:
+def clear_caches() -> None:
+    """Forget the neighbour lists and the approximate indexes kept for reuse in this process."""
+    from dmlp_plugin.checks import index as ix  # noqa: PLC0415
+
+    _SEARCH_CACHE.clear()
+    ix.clear_cache()
+
+
+def _cached_search(key: tuple, n: int, k: int, run) -> tuple[np.ndarray, np.ndarray]:
+    """``run(k)``'s lists, or the first k columns of lists kept for ``key`` at k or more. The caller owns a
+    copy, except of lists over ``SHARE_ABOVE_BYTES``: those come read-only, shared with the kept ones (at
+    1,000,000 rows and k = 400 they are 4.8 GB)."""
     if os.environ.get("DMLP_KNN_CACHE", "1") == "0":
         return run(k)
-    key = (_digest(x), backend)
     hit = _SEARCH_CACHE.get(key)
-    if hit is not None and hit[1].shape[1] >= min(k, x.shape[0] - 1):
+    if hit is not None and hit[1].shape[1] >= min(k, n - 1):
         _SEARCH_CACHE.move_to_end(key)
-        return hit[0][:, :k].copy(), hit[1][:, :k].copy()
+        return _handed(hit[0][:, :k], hit[1][:, :k])
     sims, idx = run(k)
+    sims.setflags(write=False)
+    idx.setflags(write=False)
     _SEARCH_CACHE[key] = (sims, idx)
     while sum(s.nbytes + i.nbytes for s, i in _SEARCH_CACHE.values()) > SEARCH_CACHE_BYTES and len(_SEARCH_CACHE) > 1:
         _SEARCH_CACHE.popitem(last=False)
     if sims.nbytes + idx.nbytes > SEARCH_CACHE_BYTES:
         _SEARCH_CACHE.pop(key, None)
+    return _handed(sims, idx)
+
+
+SHARE_ABOVE_BYTES = 256 << 20
+
+
+def _handed(sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if sims.nbytes + idx.nbytes > SHARE_ABOVE_BYTES:
+        return sims, idx
     return sims.copy(), idx.copy()
 
 
-def search(features: np.ndarray, k: int, queries: np.ndarray | None = None, exclude_self: bool = True,
-           backend: str = "auto", chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def search(features, k: int, queries: np.ndarray | None = None, exclude_self: bool = True,
+           backend: str = "auto", chunk: int = 4096, shard: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by inner product (cosine for L2-normalised rows).
 
-    features: (N, d) float32 database. queries: (Q, d) or None for the database itself, in which case
-    ``exclude_self`` drops each sample from its own list. Returns sims (Q, k) float32 and indices (Q, k)
-    int64, best first. A self-search (no queries, exclude_self) of a matrix searched before in this process
-    at k or more is served from memory (the first k columns of the longer lists: the same neighbours).
+    features: (N, d) float32 database (an array or a np.memmap). queries: (Q, d) or None for the database
+    itself, in which case ``exclude_self`` drops each sample from its own list. Returns sims (Q, k) float32 and
+    indices (Q, k) int64, best first. Exact below ``checks.index.threshold`` database rows, an approximate faiss
+    index at or above it (:mod:`dmlp_plugin.checks.index`: built once per matrix, its recall recorded).
+    A self-search (no queries, exclude_self) of a matrix searched before in this process at k or more is
+    served from memory (the first k columns of the longer lists: the same neighbours).
+
+    Under P processes (torchrun / accelerate launch) with ``shard`` (the default: every process passes the
+    same features and queries), each process searches its block of the queries and the lists are gathered,
+    so every process returns what one process would; ``shard=False`` when each process passes its own queries.
     """
+    from dmlp_plugin.checks import index as ix  # noqa: PLC0415
+
     backend = backend_name() if backend == "auto" else backend
+    n = int(features.shape[0])
+    kind = ix.plan(n)
+    dist = _dist() if shard else None
+    if kind != "exact":
+        if queries is None and exclude_self:
+            key = (ix.digest(features), backend, kind, ix.current())
+            return _cached_search(key, n, k, lambda kk: _approx_search(features, kk, None, True, backend, kind, dist))
+        return _approx_search(features, k, queries, exclude_self, backend, kind, dist)
     if queries is None and exclude_self:
         x = np.ascontiguousarray(features, dtype=np.float32)
-        return _cached_search(x, k, backend, lambda kk: _search(x, kk, None, True, backend, chunk))
-    return _search(features, k, queries, exclude_self, backend, chunk)
+        return _cached_search((_digest(x), backend), n, k, lambda kk: _sharded(x, kk, None, True, backend, chunk, dist))
+    return _sharded(features, k, queries, exclude_self, backend, chunk, dist)
 
 
-def _search(features, k, queries, exclude_self, backend, chunk):
+def _dist():
+    """This process's place in a launch (``Dist()`` when there is no process group)."""
+    from dmlp_plugin.distributed import Dist  # noqa: PLC0415
+
+    td = torch.distributed
+    if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
+        return Dist(rank=td.get_rank(), world_size=td.get_world_size())
+    return Dist()
+
+
+def _gather(dist, parts: tuple[np.ndarray, np.ndarray], nq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every process's block of neighbour lists (rows ``dist.block(nq)``), in query order, on every process."""
+    if dist is None or dist.world_size == 1:
+        return parts
+    sims, idx = (dist.gather_blocks(torch.from_numpy(np.ascontiguousarray(a)), nq).numpy() for a in parts)
+    return sims, idx
+
+
+def _sharded(features, k, queries, exclude_self, backend, chunk, dist):
+    if dist is None or dist.world_size == 1:
+        return _search(features, k, queries, exclude_self, backend, chunk)
+    nq = int(features.shape[0] if queries is None else queries.shape[0])
+    lo, hi = dist.block(nq)
+    if queries is None:  # a self-search: my block of rows against all, each row's own id dropped
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        part = _search(x, k, x[lo:hi], exclude_self, backend, chunk, self_ids=np.arange(lo, hi) if exclude_self else None)
+    else:
+        part = _search(features, k, queries[lo:hi], exclude_self, backend, chunk)
+    return _gather(dist, part, nq)
+
+
+def _approx_search(features, k, queries, exclude_self, backend, kind, dist):
+    from dmlp_plugin.checks import index as ix  # noqa: PLC0415
+
+    n, d = int(features.shape[0]), int(features.shape[1])
+
+    def rows(sel):
+        return np.asarray(features[sel], dtype=np.float32)
+
+    built = ix.cached_build(ix.digest(features), rows, n, d, kind, gpu=backend == "faiss-gpu")
+    drop_self = exclude_self and queries is None
+    nq = n if queries is None else int(queries.shape[0])
+    lo, hi = dist.block(nq) if dist is not None else (0, nq)
+    if kind == "ivf":  # sharded by cells, not by queries: the same lists whatever the process count
+        if drop_self:
+            return ix.whole_search(built, k)
+        return ix.whole_search(built, k, rows(slice(0, n)) if queries is None else queries)
+    out_s, out_i = [], []
+    for a in range(lo, hi, 65536):
+        b = min(hi, a + 65536)
+        q = rows(slice(a, b)) if queries is None else np.asarray(queries[a:b], dtype=np.float32)
+        s, i = built.search(q, min(k + int(drop_self), n))
+        if drop_self:
+            s, i = drop_ids(s, i, np.arange(a, b)[:, None])
+        out_s.append(s[:, :k])
+        out_i.append(i[:, :k])
+    part = (np.concatenate(out_s) if out_s else np.zeros((0, k), np.float32),
+            np.concatenate(out_i) if out_i else np.zeros((0, k), np.int64))
+    return _gather(dist, part, nq)
+
+
+def drop_ids(sims, idx, ids):
+    """Remove each row's own id (``ids`` (Q, 1)) wherever it appears (ties may put a duplicate first); a row
+    without it loses its last column. Returns (Q, K - 1) lists."""
+    keep = idx != ids
+    order = np.argsort(~keep, axis=1, kind="stable")[:, : idx.shape[1] - 1]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def _search(features, k, queries, exclude_self, backend, chunk, self_ids=None):
+    """Exact search. ``self_ids``: the queries are database rows with these ids (a process's block of a
+    self-search), each dropped from its own list."""
     x = np.ascontiguousarray(features, dtype=np.float32)
     q = x if queries is None else np.ascontiguousarray(queries, dtype=np.float32)
-    drop_self = exclude_self and queries is None
+    drop_self = (exclude_self and queries is None) or self_ids is not None
     kk = min(k + int(drop_self), x.shape[0])
     if backend.startswith("faiss"):
         faiss = _faiss()
@@ -103,15 +211,12 @@ def _search(features, k, queries, exclude_self, backend, chunk):
             s, j = torch.topk(torch.from_numpy(q[i:i + chunk]) @ xt.T, kk, dim=1)
             out_s.append(s.numpy())
             out_i.append(j.numpy())
-        sims, idx = np.concatenate(out_s), np.concatenate(out_i)
+        sims, idx = (np.concatenate(out_s), np.concatenate(out_i)) if out_s else \
+            (np.zeros((0, kk), np.float32), np.zeros((0, kk), np.int64))
     idx = idx.astype(np.int64)
     if drop_self:
-        # remove the sample itself wherever it appears (ties may put a duplicate first)
-        rows = np.arange(q.shape[0])[:, None]
-        keep = idx != rows
-        order = np.argsort(~keep, axis=1, kind="stable")[:, : kk - 1]
-        sims = np.take_along_axis(sims, order, axis=1)
-        idx = np.take_along_axis(idx, order, axis=1)
+        ids = np.arange(q.shape[0]) if self_ids is None else np.asarray(self_ids)
+        sims, idx = drop_ids(sims, idx, ids[:, None])
     return sims[:, :k].astype(np.float32), idx[:, :k]
 
 
@@ -128,30 +233,34 @@ def vote(sims: np.ndarray, idx: np.ndarray, labels: np.ndarray, num_classes: int
 
 
 def vote_at(sims: np.ndarray, idx: np.ndarray, labels: np.ndarray, num_classes: int, ks,
-            temperature: float = 0.1) -> dict[int, np.ndarray]:
+            temperature: float = 0.1, chunk: int = 65536) -> dict[int, np.ndarray]:
     """:func:`vote` for several k from ONE neighbour list: sims, idx (N, K) best first (as :func:`search`
     returns them) and each k <= K; the vote at k uses the first k columns, which are the k nearest
     neighbours, so it equals a fresh search at k followed by :func:`vote` (up to ties in similarity).
     The weights are shifted by each row's top similarity (column 0 whatever k is). Returns {k: (N, C)
     float32}; one pass over the columns, accumulating the slice between consecutive k."""
-    sims = np.asarray(sims, dtype=np.float32)
     idx = np.asarray(idx)
     n, kmax = idx.shape
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or ks[-1] > kmax:
         raise ValueError(f"ks {ks} must lie in 1..{kmax} (the neighbour lists' length)")
     labels = np.asarray(labels, dtype=np.int64)
-    w = np.exp((sims - sims[:, :1]) / temperature)
-    acc = np.zeros(n * num_classes, dtype=np.float64)
-    rows = np.arange(n, dtype=np.int64)[:, None] * num_classes
-    out, start = {}, 0
-    for k in ks:
-        if k > start:
-            flat = (rows + labels[idx[:, start:k]]).ravel()
-            acc += np.bincount(flat, weights=w[:, start:k].ravel().astype(np.float64), minlength=n * num_classes)
-            start = k
-        table = acc.reshape(n, num_classes)
-        out[k] = (table / table.sum(axis=1, keepdims=True)).astype(np.float32)
+    out = {k: np.empty((n, num_classes), dtype=np.float32) for k in ks}
+    for a in range(0, n, chunk):  # rows in blocks: the temporaries are O(chunk * K), not O(N * K)
+        b = min(n, a + chunk)
+        s = np.asarray(sims[a:b], dtype=np.float32)
+        w = np.exp((s - s[:, :1]) / temperature)
+        m = b - a
+        acc = np.zeros(m * num_classes, dtype=np.float64)
+        rows = np.arange(m, dtype=np.int64)[:, None] * num_classes
+        start = 0
+        for k in ks:
+            if k > start:
+                flat = (rows + labels[idx[a:b, start:k]]).ravel()
+                acc += np.bincount(flat, weights=w[:, start:k].ravel().astype(np.float64), minlength=m * num_classes)
+                start = k
+            table = acc.reshape(m, num_classes)
+            out[k][a:b] = table / table.sum(axis=1, keepdims=True)
     return out
 
 
@@ -251,11 +360,11 @@ def trusted_separability(features: np.ndarray, meta_idx: np.ndarray, meta_labels
     labels = np.asarray(meta_labels, dtype=np.int64)
     if m < 2:
         return None
-    x = np.asarray(features[np.asarray(meta_idx)], dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    sims = x @ x.T
-    np.fill_diagonal(sims, -np.inf)
-    accuracy = float(np.mean(labels[sims.argmax(axis=1)] == labels))
+    x = _l2(np.asarray(features[np.sort(np.asarray(meta_idx))], dtype=np.float32))
+    order = np.argsort(np.asarray(meta_idx), kind="stable")
+    x = x[np.argsort(order, kind="stable")]  # back to meta_idx's order (rows read in file order: a memory map)
+    _, nearest = search(x, 1)  # O(M) memory: at 1,000,000 rows and 2% trusted, M = 20,000
+    accuracy = float(np.mean(labels[nearest[:, 0]] == labels))
     counts = np.bincount(labels).astype(np.float64)
     chance = float(np.sum(counts * (counts - 1)) / (m * (m - 1)))
     if chance == 0.0:  # no class has two trusted samples: a neighbour can never share the label

@@ -1,27 +1,36 @@
-"""Label noise models (registry kind ``noise``): one entry point, :func:`apply_noise`.
+"""Label noise models (registry kind ``noise``): each kind is its own registered function, whose keyword
+parameters are the ``noise.*`` settings it takes (:func:`kind_parameters`); ``registry.yaml`` names them, and
+the pipeline, the benchmark and :func:`apply_noise` look a kind up only through the registry. The pipeline hands
+a kind every setting (the NoiseModel protocol of :mod:`dmlp_plugin.interfaces`); one the kind does not take must
+be unset, else a one-line UserError names it and the kind's parameters (:func:`check_settings`, also run on the
+config before any work by :func:`check_config`).
 
 Conventions differ between codebases (see BASELINES.md, "Noise conventions"), so each is named and
 recorded: every result carries the requested rate, the measured flip rate (fraction of labels that differ
 from the truth) and per-class flip rates.
 
-- ``none``: the labels as given.
-- ``symmetric``: DivideMix's rule. Exactly ``int(rate * N)`` samples, drawn by a permutation, get a new
-  label uniform over all C classes (``include_true_class=True``: the true class can come back, flip rate
-  ~ rate * (1 - 1/C), DivideMix and ELR) or over the other C-1 classes (``False``: flip rate ~ rate,
-  Co-teaching).
-- ``asymmetric``: DivideMix's CIFAR-10 mapping. ``int(rate * N)`` samples are drawn; those of a mapped
-  class move (truck->automobile, bird->airplane, deer->horse, cat<->dog), the others keep their label,
-  so each mapped class flips ~ rate and 40% noise flips ~20% of CIFAR-10.
-- ``pairflip``: Co-teaching's pair noise. Each sample of a source class i moves to ``pairs[i]`` with
-  probability ``rate`` (an independent draw per sample); default pairs i -> (i + 1) mod C.
-- ``human``: labels read from a file (CIFAR-N style): .npy, .npz / .pt dicts of arrays with ``key``, or
-  DivideMix's .json noise file (a list of int labels, e.g. ``0.8_sym.json``), in the training order.
-- ``instance``: instance-dependent noise (:func:`apply_instance_noise`), the generator of Xia et al.,
-  NeurIPS 2020: each image's flip distribution comes from a random projection of its pixels.
+- ``none`` (:func:`no_noise`, no parameters): the labels as given.
+- ``symmetric`` (:func:`symmetric_noise`: rate, include_true_class): DivideMix's rule. Exactly ``int(rate * N)``
+  samples, drawn by a permutation, get a new label uniform over all C classes (``include_true_class=True``: the
+  true class can come back, flip rate ~ rate * (1 - 1/C), DivideMix and ELR) or over the other C-1 classes
+  (``False``: flip rate ~ rate, Co-teaching).
+- ``asymmetric`` (:func:`asymmetric_noise`: rate): DivideMix's CIFAR-10 mapping. ``int(rate * N)`` samples are
+  drawn; those of a mapped class move (truck->automobile, bird->airplane, deer->horse, cat<->dog), the others
+  keep their label, so each mapped class flips ~ rate and 40% noise flips ~20% of CIFAR-10.
+- ``pairflip`` (:func:`pairflip_noise`: rate, pairs): Co-teaching's pair noise. Each sample of a source class i
+  moves to ``pairs[i]`` with probability ``rate`` (an independent draw per sample); default pairs i -> (i + 1) mod C.
+- ``human`` (:func:`human_noise`: file, key): labels read from a file (CIFAR-N style): .npy, .npz / .pt dicts of
+  arrays with ``key``, or DivideMix's .json noise file (a list of int labels, e.g. ``0.8_sym.json``), in the
+  training order.
+- ``instance`` (:func:`apply_instance_noise`: rate, and the training images): instance-dependent noise, the
+  generator of Xia et al., NeurIPS 2020: each image's flip distribution comes from a random projection of its
+  pixels.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -33,9 +42,22 @@ import numpy as np
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.metrics import transition_matrix
 
-__all__ = ["KINDS", "CIFAR10_ASYMMETRIC", "NoisyLabels", "apply_noise", "apply_instance_noise", "instance_flip_distribution"]
+__all__ = ["KINDS", "SETTINGS", "CIFAR10_ASYMMETRIC", "NoisyLabels", "apply_noise", "no_noise", "symmetric_noise",
+           "asymmetric_noise", "pairflip_noise", "human_noise", "apply_instance_noise", "instance_flip_distribution",
+           "kind_parameters", "check_settings"]
 
 KINDS = ("none", "symmetric", "asymmetric", "pairflip", "human")
+
+# The noise.* settings a config entry carries besides its kind (dmlp_plugin.config.NoiseConfig). The pipeline
+# hands every one of them to the kind's function (the NoiseModel protocol, dmlp_plugin.interfaces); a function
+# names the ones it takes as keyword parameters, and any other must be left unset (the value below). ``rate``
+# is the one exception: every entry carries a noise level (NoiseConfig.rate defaults to 0.5, and `--set
+# noise.kind=human` on a config that names a rate is the README's way to start from a file), and the kinds
+# that take none (none, human) record the measured flip rate instead.
+SETTINGS = ("rate", "include_true_class", "pairs", "file", "key")
+UNSET = {"include_true_class": True, "pairs": None, "file": None, "key": None}
+IGNORED_WHEN_NOT_TAKEN = ("rate",)
+_NOT_SETTINGS = ("seed", "images", "kind")  # what the pipeline gives besides the settings
 
 # DivideMix's dataloader_cifar.py: {truck: automobile, bird: airplane, deer: horse, cat: dog, dog: cat}
 # in CIFAR-10's class order (0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 6 frog, 7 horse,
@@ -70,86 +92,225 @@ class NoisyLabels:
     details: dict = field(default_factory=dict)
 
 
-def apply_noise(truth, num_classes: int, *, kind: str, rate: float = 0.0, seed: int = 0,
-                include_true_class: bool = True, pairs: dict | None = None, file=None,
-                key: str | None = None) -> NoisyLabels:
-    """Apply the noise model ``kind`` to the true labels ``truth`` (N,) of ``num_classes`` classes.
+# ---------------------------------------------------------------------------------------------------------
+# which settings a kind takes
 
-    Randomness comes only from ``np.random.default_rng(seed)``: the same arguments give the same labels.
-    ``pairs`` (pairflip) maps source class -> target class (keys may be str, as YAML gives them);
-    ``file`` / ``key`` (human) name the labels file and the array in it. ``truth`` is not modified.
-    """
-    if kind not in KINDS:
-        raise UserError(f"unknown noise kind {kind!r}; give one of {', '.join(KINDS)}")
+
+def kind_parameters(fn) -> tuple[str, ...]:
+    """The noise.* settings (:data:`SETTINGS`) the noise function ``fn`` takes by name, in signature order.
+    A function with the whole protocol spelled out (a plugin's) takes them all."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return SETTINGS
+    named = [p.name for p in params.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return tuple(n for n in named if n in SETTINGS)
+
+
+def _kinds_taking(setting: str) -> list[str]:
+    """Registered noise kinds whose function takes ``setting`` (for the hint of a refusal)."""
+    from dmlp_plugin.registry import load_registry  # noqa: PLC0415 - the registry imports noise targets lazily
+
+    reg = load_registry()
+    out = []
+    for name in reg.names("noise"):
+        try:
+            fn = reg.get("noise", name)
+        except UserError:  # a broken plugin: not a hint
+            continue
+        if setting in kind_parameters(fn) and set(kind_parameters(fn)) != set(SETTINGS):
+            out.append(name)
+    return out
+
+
+def check_settings(kind: str, fn, settings: dict, where: str = "noise") -> None:
+    """Refuse a noise.* setting that noise kind ``kind`` (registered function ``fn``) does not take: one line
+    naming the setting and the kind's parameters. ``settings``: {name: value} of any of :data:`SETTINGS`
+    (a value equal to :data:`UNSET` is not given; ``rate`` is ignored by kinds without one). Any other name
+    is a UserError too (a typo)."""
+    takes = kind_parameters(fn)
+    for name, value in settings.items():
+        if name in takes:
+            continue
+        if name not in SETTINGS:
+            raise UserError(f"{where}: noise kind {kind!r} got the unknown setting {name!r} ({_takes_text(takes)}); "
+                            f"give one of {', '.join(SETTINGS)}")
+        if name in IGNORED_WHEN_NOT_TAKEN or (name in UNSET and value == UNSET[name]
+                                              and type(value) is type(UNSET[name])):
+            continue
+        takers = _kinds_taking(name)
+        hint = f" or set kind: {' / '.join(takers)}" if takers else ""
+        raise UserError(f"{where}.{name}={value!r} is not a parameter of noise kind {kind!r} ({_takes_text(takes)}); "
+                        f"remove it{hint}")
+
+
+def check_config(noise, where: str = "noise") -> None:
+    """A config's noise entry (:class:`dmlp_plugin.config.NoiseConfig`) against its kind's registered
+    function: an unknown kind, or a setting the kind does not take (``pairs`` on symmetric, ``file`` on
+    pairflip, ``include_true_class: false`` on anything but symmetric), is a one-line UserError naming the
+    setting and the kind's parameters. ``rate`` passes for the kinds that take none (none, human: they record
+    the measured flip rate), so ``--set noise.kind=human`` works on a config that names a rate. Run by the
+    purify and bench validation, before any work."""
+    from dmlp_plugin.registry import load_registry  # noqa: PLC0415
+
+    fn = load_registry().get("noise", noise.kind)
+    settings = {f.name: getattr(noise, f.name) for f in dataclasses.fields(noise) if f.name != "kind"}
+    check_settings(noise.kind, fn, settings, where)
+
+
+def check_configs(cfg) -> None:
+    """:func:`check_config` on a PurifyConfig's noise entry or on each of a BenchConfig's."""
+    if isinstance(cfg.noise, list):
+        for i, n in enumerate(cfg.noise):
+            check_config(n, f"noise[{i}]")
+    else:
+        check_config(cfg.noise)
+
+
+def _takes_text(takes) -> str:
+    return f"its parameters: {', '.join(takes)}" if takes else "it takes no parameters"
+
+
+def _unused(kind: str, fn, unused: dict) -> None:
+    """What a kind's function got besides its own parameters (the rest of the NoiseModel protocol): the kind
+    must be its own, the settings unset."""
+    given = unused.pop("kind", kind)
+    if given != kind:
+        raise UserError(f"noise kind {given!r} asked of the {kind!r} noise model; look the kind up in the registry "
+                        f"(dmlp_plugin.data.noise.apply_noise(truth, C, kind={given!r}, ...))")
+    if "rate" in unused:  # not this kind's, but a rate out of range is still a mistake
+        _check_rate(unused["rate"])
+    check_settings(kind, fn, unused)
+
+
+def apply_noise(truth, num_classes: int, *, kind: str, **settings) -> NoisyLabels:
+    """The registered noise model ``kind`` (registry kind ``noise``, plugins included) applied to the true
+    labels ``truth`` (N,) of ``num_classes`` classes: ``settings`` are its parameters (``rate``, ``seed``,
+    ``include_true_class``, ``pairs``, ``file``, ``key``, ``images``, as the kind takes them; see
+    :func:`symmetric_noise`, :func:`asymmetric_noise`, :func:`pairflip_noise`, :func:`human_noise`,
+    :func:`no_noise`, :func:`apply_instance_noise`). An unknown kind, or a setting the kind does not take:
+    UserError. Randomness comes only from ``seed``: the same arguments give the same labels."""
+    from dmlp_plugin.registry import load_registry  # noqa: PLC0415
+
+    fn = load_registry().get("noise", kind)
+    return fn(truth, num_classes, kind=kind, **settings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the class-level kinds, one function each
+
+
+def _check_rate(rate) -> float:
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
         raise UserError(f"noise.rate={rate!r} is outside [0, 1); give a fraction such as 0.5")
-    if pairs is not None and kind != "pairflip":
-        raise UserError(f"noise.pairs is used only by kind pairflip, not {kind!r}; remove it or set kind: pairflip")
-    if (file is not None or key is not None) and kind != "human":
-        raise UserError(f"noise.file / noise.key are used only by kind human, not {kind!r}; remove them or set "
-                        f"kind: human")
-    num_classes = _check_num_classes(num_classes)
-    truth = _check_truth(truth, num_classes)
-    rate = float(rate)
-    n = truth.shape[0]
-    rng = np.random.default_rng(seed)
-    details: dict = {"convention": _CONVENTIONS[kind]}
+    return float(rate)
 
-    if kind == "none":
-        labels, rate = truth.copy(), 0.0
-    elif kind == "symmetric":
-        labels = truth.copy()
-        chosen = rng.permutation(n)[: int(rate * n)]
-        if include_true_class:
-            labels[chosen] = rng.integers(0, num_classes, size=chosen.size)
-        else:
-            if num_classes < 2:
-                raise UserError("symmetric noise with include_true_class=false needs at least 2 classes")
-            # An offset in 1..C-1 is uniform over the other classes and never lands on the true one.
-            labels[chosen] = (truth[chosen] + rng.integers(1, num_classes, size=chosen.size)) % num_classes
-        details["convention"] = details["convention"].format(
-            f"all {num_classes} classes (the true class may come back)" if include_true_class
-            else f"the other {num_classes - 1} classes")
-        details["num_drawn"] = int(chosen.size)
-    elif kind == "asymmetric":
-        if num_classes != 10:
-            raise UserError(f"asymmetric noise is CIFAR-10's class mapping and needs 10 classes, not {num_classes}; "
-                            f"use kind: pairflip with pairs: {{source: target, ...}} for other data sets")
-        target = np.arange(10)
-        for src, dst in CIFAR10_ASYMMETRIC.items():
-            target[src] = dst
-        labels = truth.copy()
-        chosen = rng.permutation(n)[: int(rate * n)]
-        labels[chosen] = target[truth[chosen]]
-        details["mapping"] = {str(s): d for s, d in CIFAR10_ASYMMETRIC.items()}
-        details["num_drawn"] = int(chosen.size)
-    elif kind == "pairflip":
-        mapping = _check_pairs(pairs, num_classes)
-        target = np.arange(num_classes)
-        for src, dst in mapping.items():
-            target[src] = dst
-        flip = rng.random(n) < rate
-        labels = np.where(flip, target[truth], truth)
-        details["pairs"] = {str(s): d for s, d in mapping.items()}
-    else:  # human
-        labels, source = _read_human_labels(file, key, n, num_classes, truth)
-        details.update(source)
 
+def _result(kind: str, truth: np.ndarray, labels: np.ndarray, num_classes: int, rate: float | None,
+            details: dict, include_true_class: bool | None = None) -> NoisyLabels:
+    """NoisyLabels with the measured rates recorded. ``rate`` None: nothing requested (human), the rate is
+    the measured flip rate."""
     labels = labels.astype(np.int64, copy=False)
     flip_rate = float(np.mean(labels != truth))
-    requested = None if kind == "human" else rate
-    if kind == "human":  # nothing was requested: report what the file holds
-        rate = flip_rate
     details.update({
-        "requested_rate": requested,
+        "requested_rate": rate,
         "flip_rate": flip_rate,
         "per_class_flip_rate": _per_class_flip_rates(truth, labels, num_classes),
     })
-    if kind == "symmetric":
-        details["include_true_class"] = bool(include_true_class)
-    return NoisyLabels(labels=labels, kind=kind, rate=rate, flip_rate=flip_rate,
-                       include_true_class=bool(include_true_class) if kind == "symmetric" else None,
-                       details=details)
+    if include_true_class is not None:
+        details["include_true_class"] = include_true_class
+    return NoisyLabels(labels=labels, kind=kind, rate=flip_rate if rate is None else rate, flip_rate=flip_rate,
+                       include_true_class=include_true_class, details=details)
+
+
+def no_noise(truth, num_classes: int, *, seed: int = 0, **unused) -> NoisyLabels:
+    """Noise kind ``none``: the labels as given (rate 0). No parameters (``seed`` is not used)."""
+    _unused("none", no_noise, unused)
+    num_classes = _check_num_classes(num_classes)
+    truth = _check_truth(truth, num_classes)
+    return _result("none", truth, truth.copy(), num_classes, 0.0, {"convention": _CONVENTIONS["none"]})
+
+
+def symmetric_noise(truth, num_classes: int, *, rate: float = 0.0, include_true_class: bool = True,
+                    seed: int = 0, **unused) -> NoisyLabels:
+    """Noise kind ``symmetric``, DivideMix's rule: exactly ``int(rate * N)`` samples, drawn by a permutation of
+    ``np.random.default_rng(seed)``, get a new label uniform over all C classes (``include_true_class``: the
+    true class can come back, flip rate ~ rate * (1 - 1/C)) or over the other C - 1 (False: flip rate ~ rate,
+    Co-teaching's convention)."""
+    rate = _check_rate(rate)
+    _unused("symmetric", symmetric_noise, unused)
+    num_classes = _check_num_classes(num_classes)
+    truth = _check_truth(truth, num_classes)
+    rng = np.random.default_rng(seed)
+    labels = truth.copy()
+    chosen = rng.permutation(truth.shape[0])[: int(rate * truth.shape[0])]
+    if include_true_class:
+        labels[chosen] = rng.integers(0, num_classes, size=chosen.size)
+    else:
+        if num_classes < 2:
+            raise UserError("symmetric noise with include_true_class=false needs at least 2 classes")
+        # An offset in 1..C-1 is uniform over the other classes and never lands on the true one.
+        labels[chosen] = (truth[chosen] + rng.integers(1, num_classes, size=chosen.size)) % num_classes
+    details = {"convention": _CONVENTIONS["symmetric"].format(
+        f"all {num_classes} classes (the true class may come back)" if include_true_class
+        else f"the other {num_classes - 1} classes"), "num_drawn": int(chosen.size)}
+    return _result("symmetric", truth, labels, num_classes, rate, details, bool(include_true_class))
+
+
+def asymmetric_noise(truth, num_classes: int, *, rate: float = 0.0, seed: int = 0, **unused) -> NoisyLabels:
+    """Noise kind ``asymmetric``, DivideMix's CIFAR-10 mapping: ``int(rate * N)`` samples are drawn (a
+    permutation of ``np.random.default_rng(seed)``); those of a mapped class move (truck->automobile,
+    bird->airplane, deer->horse, cat<->dog), the others keep their label. Needs 10 classes."""
+    rate = _check_rate(rate)
+    _unused("asymmetric", asymmetric_noise, unused)
+    num_classes = _check_num_classes(num_classes)
+    truth = _check_truth(truth, num_classes)
+    rng = np.random.default_rng(seed)
+    if num_classes != 10:
+        raise UserError(f"asymmetric noise is CIFAR-10's class mapping and needs 10 classes, not {num_classes}; "
+                        f"use kind: pairflip with pairs: {{source: target, ...}} for other data sets")
+    target = np.arange(10)
+    for src, dst in CIFAR10_ASYMMETRIC.items():
+        target[src] = dst
+    labels = truth.copy()
+    chosen = rng.permutation(truth.shape[0])[: int(rate * truth.shape[0])]
+    labels[chosen] = target[truth[chosen]]
+    details = {"convention": _CONVENTIONS["asymmetric"],
+               "mapping": {str(s): d for s, d in CIFAR10_ASYMMETRIC.items()}, "num_drawn": int(chosen.size)}
+    return _result("asymmetric", truth, labels, num_classes, rate, details)
+
+
+def pairflip_noise(truth, num_classes: int, *, rate: float = 0.0, pairs: dict | None = None, seed: int = 0,
+                   **unused) -> NoisyLabels:
+    """Noise kind ``pairflip``, Co-teaching's pair noise: each sample of a source class i moves to
+    ``pairs[i]`` with probability ``rate`` (an independent draw per sample from
+    ``np.random.default_rng(seed)``). ``pairs``: source class -> target class (keys may be str, as YAML gives
+    them); None: i -> (i + 1) mod C."""
+    rate = _check_rate(rate)
+    _unused("pairflip", pairflip_noise, unused)
+    num_classes = _check_num_classes(num_classes)
+    truth = _check_truth(truth, num_classes)
+    rng = np.random.default_rng(seed)
+    mapping = _check_pairs(pairs, num_classes)
+    target = np.arange(num_classes)
+    for src, dst in mapping.items():
+        target[src] = dst
+    flip = rng.random(truth.shape[0]) < rate
+    labels = np.where(flip, target[truth], truth)
+    details = {"convention": _CONVENTIONS["pairflip"], "pairs": {str(s): d for s, d in mapping.items()}}
+    return _result("pairflip", truth, labels, num_classes, rate, details)
+
+
+def human_noise(truth, num_classes: int, *, file=None, key: str | None = None, seed: int = 0,
+                **unused) -> NoisyLabels:
+    """Noise kind ``human``: labels read from ``file`` (CIFAR-N style), in the training order: a .npy, a .npz /
+    .pt dict of arrays (``key`` picks one), or DivideMix's .json noise file (a list of int labels, e.g.
+    ``0.8_sym.json``). Nothing is drawn (``seed`` is not used); the rate is the measured flip rate."""
+    _unused("human", human_noise, unused)
+    num_classes = _check_num_classes(num_classes)
+    truth = _check_truth(truth, num_classes)
+    labels, source = _read_human_labels(file, key, truth.shape[0], num_classes, truth)
+    return _result("human", truth, labels, num_classes, None, {"convention": _CONVENTIONS["human"], **source})
 
 
 def _check_num_classes(num_classes) -> int:
@@ -407,27 +568,23 @@ def instance_flip_distribution(images, truth, num_classes: int, rate: float, see
     return out
 
 
-def apply_instance_noise(truth, num_classes: int, *, images, kind: str = "instance", rate: float = 0.0,
-                         seed: int = 0, include_true_class: bool = True, pairs: dict | None = None, file=None,
-                         key: str | None = None, norm_std: float = 0.1) -> NoisyLabels:
+def apply_instance_noise(truth, num_classes: int, *, images, rate: float = 0.0, seed: int = 0,
+                         norm_std: float = 0.1, **unused) -> NoisyLabels:
     """Instance-dependent label noise (registry name ``instance``): each sample's noisy label is drawn from
     :func:`instance_flip_distribution` of its image (Xia et al., NeurIPS 2020, "Part-dependent label noise:
     towards instance-dependent label noise", Algorithm 2; the generator most LNL papers call "instance-
     dependent noise", with norm_std 0.1). The measured flip rate is about ``rate`` (the mean of the truncated
     normal; a little above it for rates below ~0.2, where the truncation at 0 lifts the mean) and is recorded.
     ``images``: (N, ...) the training images, in the labels' order. Seeded: the same arguments give the same
-    labels. ``include_true_class`` does not apply (the flip rate is q_n by construction)."""
-    if kind != "instance":
-        raise UserError(f"apply_instance_noise is the 'instance' noise model, not {kind!r}")
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
-        raise UserError(f"noise.rate={rate!r} is outside [0, 1); give a fraction such as 0.4")
-    if pairs is not None or file is not None or key is not None:
-        raise UserError("noise.pairs / noise.file / noise.key are not used by kind instance; remove them")
+    labels. Parameters: ``rate`` (and ``norm_std``); ``include_true_class`` does not apply (the flip rate is
+    q_n by construction)."""
+    rate = _check_rate(rate)
+    _unused("instance", apply_instance_noise, unused)
     if num_classes < 2:
         raise UserError("instance noise needs at least 2 classes")
     num_classes = _check_num_classes(num_classes)
     truth = _check_truth(truth, num_classes)
-    dist = instance_flip_distribution(images, truth, num_classes, float(rate), seed, norm_std)
+    dist = instance_flip_distribution(images, truth, num_classes, rate, seed, norm_std)
     u = np.random.default_rng([seed, 8]).random(truth.shape[0])
     labels = np.minimum((np.cumsum(dist, axis=1) < u[:, None]).sum(axis=1), num_classes - 1).astype(np.int64)
     flip_rate = float(np.mean(labels != truth))

@@ -37,10 +37,10 @@ from dmlp_plugin.distributed import Dist, current
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.features.augment import simclr_view
 from dmlp_plugin.features.backbone import check_backbone_name, create_backbone
-from dmlp_plugin.hardware import bf16_hazard_layers, cpu_has_fast_bf16
+from dmlp_plugin.hardware import bf16_hazard_layers, cpu_has_fast_bf16, launcher_precision_for
 
 CHECKPOINT_FORMAT = 1
-_AMP_MODES = ("auto", "bf16", "no")
+_AMP_MODES = ("auto", "bf16", "fp16", "no")
 _OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -60,7 +60,10 @@ class SimCLRConfig:
     probability 0.8; gray_p: random-grayscale probability (3-channel images only). amp: ``auto``
     (bfloat16 autocast on CUDA when the GPU supports it, and on a CPU with native bfloat16, ~2.5x
     faster there, unless the model hits a CPU bfloat16 bug, see ``dmlp_plugin.hardware.bf16_hazard_layers``; float32 on other CPUs,
-    where bf16 is ~25x slower: see ``dmlp_plugin.hardware``), ``bf16`` (always) or ``no`` (float32).
+    where bf16 is ~25x slower: see ``dmlp_plugin.hardware``), ``bf16`` (always), ``fp16`` (float16 autocast
+    with a gradient scaler; GPU only) or ``no`` (float32). Under ``accelerate launch --mixed_precision X``
+    (flag or accelerate config) ``auto`` means X and another explicit value is refused
+    (``dmlp_plugin.hardware.launcher_precision_for``).
     seed: initialisation, data order and augmentations.
     """
 
@@ -179,16 +182,35 @@ def _build(cfg: SimCLRConfig, in_chans: int) -> tuple[_SimCLRNet, bool]:
     return net, bool(hazard)
 
 
+def with_launcher_amp(cfg: SimCLRConfig) -> SimCLRConfig:
+    """``cfg`` with ``amp`` set as the launcher asks (``accelerate launch --mixed_precision``): ``auto`` takes the
+    launcher's explicit precision, an explicit ``amp`` that differs from it is a one-line error; unchanged
+    without a launcher request. The features' cache key is made from the result."""
+    amp = launcher_precision_for(cfg.amp, "features.ssl.amp")
+    return cfg if amp == cfg.amp else dataclasses.replace(cfg, amp=amp)
+
+
 def _amp_enabled(cfg: SimCLRConfig, device: torch.device, hazard: bool = False) -> bool:
+    """Whether SimCLR trains under autocast (:func:`_amp_dtype` is not float32)."""
+    return _amp_dtype(cfg, device, hazard) is not None
+
+
+def _amp_dtype(cfg: SimCLRConfig, device: torch.device, hazard: bool = False) -> torch.dtype | None:
+    """The autocast dtype of ``cfg.amp`` on ``device`` (None: float32)."""
     if cfg.amp == "no":
-        return False
+        return None
+    if cfg.amp == "fp16":
+        if device.type != "cuda":
+            raise UserError(f"features.ssl.amp=fp16 needs a GPU (the device is {device.type}); use auto, bf16 or "
+                            f"no on the CPU (and no launcher --mixed_precision fp16)")
+        return torch.float16
     if device.type == "cpu":
         if hazard and cfg.amp == "bf16":
             warnings.warn(f"features.ssl.amp=bf16: {cfg.backbone} at image_size {cfg.image_size} has a strided "
                           f"convolution on a 1-pixel input, whose CPU bfloat16 gradient is wrong in this torch "
                           f"build; use amp=auto (float32 here) or a larger image_size", RuntimeWarning, stacklevel=3)
-        return cfg.amp == "bf16" or (not hazard and cpu_has_fast_bf16())
-    return cfg.amp == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return torch.bfloat16 if cfg.amp == "bf16" or (not hazard and cpu_has_fast_bf16()) else None
+    return torch.bfloat16 if cfg.amp == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()) else None
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -237,7 +259,8 @@ def _load_checkpoint(path: str, identity: dict, device: torch.device) -> dict | 
 
 def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.device = "cpu",
                  progress: bool = True, checkpoint: str | os.PathLike | None = None,
-                 on_epoch_end: Callable[[int, float], None] | None = None, dist: Dist | None = None) -> nn.Module:
+                 on_epoch_end: Callable[[int, float], None] | None = None, dist: Dist | None = None,
+                 on_step: Callable[[], None] | None = None) -> nn.Module:
     """Train a backbone with SimCLR on ``images`` (uint8 (N, H, W, C), C in {1, 3}; no labels).
 
     Returns the backbone (projection head dropped) in eval mode on ``device``; its attribute
@@ -246,13 +269,16 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
     loss. ``checkpoint``: a path; after every epoch model, optimiser and epoch are saved there atomically,
     and a later call with the same path, settings and images resumes after the last saved epoch (a file
     from other settings or an unreadable one is ignored with a warning). ``on_epoch_end(epoch, loss)`` is
-    called after each epoch (0-based) once its checkpoint is written.
+    called after each epoch (0-based) once its checkpoint is written, ``on_step()`` after every step.
+    ``cfg.amp`` is taken as the launcher asks (:func:`with_launcher_amp`).
 
     Under several processes (``dist``; default: those of the launcher) training is data-parallel: every
     process draws the same batch order and augmentations, embeds its contiguous 1/P of each batch, the
     embeddings are all-gathered so NT-Xent sees the whole batch (all negatives), and the gradients are
     averaged by DDP (accelerate's ``prepare``). BatchNorm statistics are per process. The batch size is
-    rounded down to a multiple of P. Process 0 writes the checkpoint; every process resumes from it.
+    rounded down to a multiple of P. Process 0 writes the checkpoint; every process resumes from it. (Its
+    features then depend on P; ``dmlp_plugin.features.cache.get_features`` trains in one process instead, so that
+    every process count gives the same features.)
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
@@ -262,6 +288,7 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
     if n < 2:
         raise UserError(f"SimCLR needs at least 2 images, got {n}")
     device = torch.device(device)
+    cfg = with_launcher_amp(cfg)
     dist = current(device.type) if dist is None else dist
     bs = min(cfg.batch_size, n)
     bs -= bs % dist.world_size
@@ -279,6 +306,7 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
     losses: list[float] = []
     start = 0
     identity = None
+    saved_scaler = None  # the fp16 gradient scaler's state in a checkpoint resumed from
     t0, spent = time.perf_counter(), 0.0  # spent: training seconds of the runs a resume continues
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
@@ -291,13 +319,18 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
             start = int(state["epoch"])
             losses = [float(v) for v in state["losses"]]
             spent = float(state.get("seconds", 0.0))
+            saved_scaler = state.get("scaler")
             if dist.is_main:
                 print(f"resuming SimCLR after epoch {start} of {cfg.epochs} from {checkpoint}", file=sys.stderr)
 
     # uint8 (N, C, H, W) on the device; each batch is converted to float only when used (CIFAR-size
     # data stays 4x smaller than a float copy).
     data = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(device)
-    use_amp = _amp_enabled(cfg, device, hazard)
+    amp_dtype = _amp_dtype(cfg, device, hazard)
+    # fp16 needs its gradients scaled (bf16 and float32 do not: then the scaler passes everything through)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if saved_scaler and scaler.is_enabled():
+        scaler.load_state_dict(saved_scaler)
     if dist.world_size > 1:
         from accelerate import Accelerator  # noqa: PLC0415 - only under a launcher
 
@@ -328,7 +361,8 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
                 if dist.world_size > 1:  # the same augmented batch everywhere; each process embeds its part
                     v1, v2 = v1[lo:hi], v2[lo:hi]
                 views = torch.cat([v1, v2]).sub_(0.5).div_(0.5)  # the normalisation of backbone.to_input
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
+                                    enabled=amp_dtype is not None):
                     z = net(views)
                 z1, z2 = z.float().chunk(2)
                 if dist.world_size > 1:
@@ -337,8 +371,9 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
                 opt.zero_grad(set_to_none=True)
                 # DDP averages the P processes' gradients; each holds the gradient through its own rows only,
                 # so scaling by P makes the average the gradient of the whole-batch loss
-                (loss * dist.world_size).backward()
-                opt.step()
+                scaler.scale(loss * dist.world_size).backward()
+                scaler.step(opt)
+                scaler.update()
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise UserError(f"SimCLR loss became {value} in epoch {epoch + 1}; lower features.ssl.lr "
@@ -346,11 +381,14 @@ def train_simclr(images: np.ndarray, cfg: SimCLRConfig, device: str | torch.devi
                 total += value
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / (s + 1):.4f}")
+                if on_step is not None:
+                    on_step()
             losses.append(total / steps)
             if checkpoint is not None and dist.is_main:
                 state = {"identity": identity, "epoch": epoch + 1, "losses": list(losses),
                          "seconds": spent + time.perf_counter() - t0,
-                         "model": plain.state_dict(), "optimizer": opt.state_dict()}
+                         "model": plain.state_dict(), "optimizer": opt.state_dict(),
+                         **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
                 with atomic_path(checkpoint) as tmp:  # temp file + os.replace: a kill leaves the old one
                     torch.save(state, tmp)
             if on_epoch_end is not None:

@@ -112,6 +112,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dmlp_plugin.checks import index
 from dmlp_plugin.distributed import Dist, current
 from dmlp_plugin.errors import UserError
 from dmlp_plugin.records import PurifyResult
@@ -409,23 +410,67 @@ def _neighbour_graph(views: list, cfg: "DMLPConfig", lo: int, hi: int, meta_idx:
     which = cfg.neighbour_view
     qid = np.concatenate([np.arange(lo, hi, dtype=np.int64), meta_idx.astype(np.int64)])
     proj = search_projections(views, which, cfg.neighbour_dims)
-    queries = np.concatenate([_search_features(views, which, slice(lo, hi), proj),
-                              _search_features(views, which, meta_idx, proj)])
-    best_s = np.zeros((qid.size, 0), dtype=np.float32)
-    best_i = np.zeros((qid.size, 0), dtype=np.int64)
-    for a in range(0, n, chunk):
-        db = _search_features(views, which, slice(a, min(n, a + chunk)), proj)
-        sims, idx = knn.search(db, min(k + 1, db.shape[0]), queries=queries, exclude_self=False)
-        idx = idx + a
-        sims = np.where(idx == qid[:, None], -np.inf, sims)  # a row is not its own neighbour
-        best_s, best_i = np.concatenate([best_s, sims], axis=1), np.concatenate([best_i, idx], axis=1)
-        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]  # ties: the lower block first
-        best_s, best_i = np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
-    w = np.exp((best_s - best_s[:, :1]) / cfg.neighbour_temperature).astype(np.float32)
-    w = torch.from_numpy(w).to(device)
-    idx = torch.from_numpy(best_i).to(device)
-    nl = hi - lo
-    return _Graph(w=w[:nl], idx=idx[:nl], mw=w[nl:], midx=idx[nl:], n=n, seconds=time.perf_counter() - t0)
+    kind = index.plan(n)
+    if kind != "exact":  # an approximate index over all rows, the same on every process (index.build)
+        parts = _approximate_graph(views, which, proj, qid, k, kind, chunk, hi - lo)
+    else:
+        queries = np.concatenate([_search_features(views, which, slice(lo, hi), proj),
+                                  _search_features(views, which, meta_idx, proj)])
+        best_s = np.zeros((qid.size, 0), dtype=np.float32)
+        best_i = np.zeros((qid.size, 0), dtype=np.int64)
+        for a in range(0, n, chunk):
+            db = _search_features(views, which, slice(a, min(n, a + chunk)), proj)
+            sims, idx = knn.search(db, min(k + 1, db.shape[0]), queries=queries, exclude_self=False, shard=False)
+            idx = idx + a
+            sims = np.where(idx == qid[:, None], -np.inf, sims)  # a row is not its own neighbour
+            best_s, best_i = np.concatenate([best_s, sims], axis=1), np.concatenate([best_i, idx], axis=1)
+            order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]  # ties: the lower block first
+            best_s, best_i = np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+        nl = hi - lo
+        parts = (best_s[:nl], best_i[:nl], best_s[nl:], best_i[nl:])
+    own_s, own_i, meta_s, meta_i = parts  # my rows' lists, then the trusted rows'
+
+    def weights(sims):
+        return torch.from_numpy(np.exp((sims - sims[:, :1]) / cfg.neighbour_temperature).astype(np.float32)).to(device)
+
+    def ids(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return _Graph(w=weights(own_s), idx=ids(own_i), mw=weights(meta_s), midx=ids(meta_i), n=n,
+                  seconds=time.perf_counter() - t0)
+
+
+def _approximate_graph(views: list, which: str, proj: list, qid: np.ndarray, k: int, kind: str,
+                       chunk: int, own: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The k nearest neighbours of rows ``qid`` (this process's ``own`` rows, then the trusted rows) from an
+    approximate index (:mod:`dmlp_plugin.checks.index`) over all rows of the search features, read ``chunk``
+    rows at a time, each row's own id dropped: (own sims, own ids, trusted sims, trusted ids)."""
+    from dmlp_plugin.checks import knn  # noqa: PLC0415
+
+    n = int(views[0].shape[0])
+    d = sum(int(v.shape[1]) if p is None else int(p.shape[1]) for v, p in zip(views, proj)) if which == "all" else \
+        (int(views[int(which) - 1].shape[1]) if proj[int(which) - 1] is None else int(proj[int(which) - 1].shape[1]))
+    key = "|".join([which, str([None if p is None else int(p.shape[1]) for p in proj])] +
+                   [index.digest(v) for v in views])
+
+    def rows(sel):
+        return _search_features(views, which, sel, proj)
+
+    built = index.cached_build(key, rows, n, d, kind, gpu=knn.backend_name() == "faiss-gpu")
+    if kind == "ivf":  # the whole graph, sharded by cells (bit for bit what one process gets), then my rows
+        sims, ids = index.whole_search(built, k)
+        lo = int(qid[0]) if own else 0
+        meta = qid[own:]
+        return sims[lo:lo + own], ids[lo:lo + own], sims[meta], ids[meta]  # (views of the whole lists, no copy)
+    out_s, out_i = [], []
+    for a in range(0, qid.size, chunk):
+        ids = qid[a:a + chunk]
+        s, i = built.search(rows(ids), min(k + 1, n))
+        s, i = knn.drop_ids(s, i, ids[:, None])
+        out_s.append(s[:, :k])
+        out_i.append(i[:, :k])
+    s, i = np.concatenate(out_s), np.concatenate(out_i)
+    return s[:own], i[:own], s[own:], i[own:]
 
 
 def _neighbour_sums(q_all: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ks: list[int],

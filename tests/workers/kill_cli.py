@@ -2,7 +2,8 @@
 cleanup, no ``finally``) right after a checkpoint is written. ``KILL_AT=ssl:k`` dies once SimCLR's checkpoint
 of epoch k (1-based) is on disk, ``KILL_AT=purify:k`` once the purifier's checkpoint of epoch k is,
 ``KILL_AT=train:k`` once a baseline's k-th checkpoint is (in `dmlp bench`). Under a launcher every process waits
-for the others first, so process 0's checkpoint write is complete."""
+for the others first, so process 0's checkpoint write is complete; SimCLR trains in process 0 alone (the others
+wait for its features), so there process 0 dies alone and the launcher ends the others."""
 
 import os
 import signal
@@ -16,21 +17,21 @@ from dmlp_plugin.features import ssl  # noqa: E402
 from dmlp_plugin.purifier import dmlp  # noqa: E402
 
 
-def _die():
+def _die(barrier: bool = True):
     import torch.distributed as td  # noqa: PLC0415
 
-    if td.is_available() and td.is_initialized():
+    if barrier and td.is_available() and td.is_initialized():
         td.barrier()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _die_after(module, name: str, hook: str, epoch: int) -> None:
+def _die_after(module, name: str, hook: str, epoch: int, barrier: bool = True) -> None:
     """Replace ``module.name`` by a wrapper that passes a per-epoch callback ``hook(e, _)`` dying after epoch
     ``epoch`` (1-based; the callbacks run once the epoch's checkpoint is written)."""
     fn = getattr(module, name)
 
     def wrapper(*args, **kwargs):
-        kwargs[hook] = lambda e, _: _die() if e + 1 == epoch else None
+        kwargs[hook] = lambda e, _: _die(barrier) if e + 1 == epoch else None
         return fn(*args, **kwargs)
 
     setattr(module, name, wrapper)
@@ -38,7 +39,7 @@ def _die_after(module, name: str, hook: str, epoch: int) -> None:
 
 def _arm(stage: str, epoch: int) -> None:
     if stage == "ssl":
-        _die_after(ssl, "train_simclr", "on_epoch_end", epoch)
+        _die_after(ssl, "train_simclr", "on_epoch_end", epoch, barrier=False)
     elif stage == "purify":
         _die_after(dmlp, "purify", "on_epoch", epoch)
     elif stage == "train":
