@@ -598,8 +598,9 @@ def check_memory(cfg: PurifyConfig, views: Views, num_classes: int, comparing: b
     left = memory.available_bytes()
     if left is not None and need > 0.9 * left:
         d = "+".join(str(int(a.shape[1])) for a in views.arrays)
-        raise UserError(f"this run would need about {need / 2**30:.1f} GiB more memory for {what} (N={len(views.arrays[0]):,}, "
-                        f"views {d} dims) but {left / 2**30:.1f} GiB is available; use features.second_view=same or a "
+        n = len(views.arrays[0])
+        raise UserError(f"this run would need about {need / 2**30:.1f} GiB more memory for {what} (N={n:,}, views "
+                        f"{d} dims) but {left / 2**30:.1f} GiB is available; use features.second_view=same or a "
                         f"smaller features.second_view_dim, checks.vote_views=[1], or drop knn_vote from checks.compare")
 
 

@@ -263,7 +263,8 @@ def index_lines(info: dict | None) -> list[str]:
         return ["", f"Neighbour search: exact (approximate from {info['settings']['threshold']:,} rows; "
                     f"`checks.index`)."]
     out = ["", "Neighbour search: approximate (`checks.index`); each index's recall against exact search:", "",
-           "| index | rows x dims | setting | recall@10 (queries) | build s | recall check s |", "|---|---|---|---|---|---|"]
+           "| index | rows x dims | setting | recall@10 (queries) | build s | recall check s |",
+           "|---|---|---|---|---|---|"]
     for r in built:
         setting = (f"nlist {r['nlist']}, nprobe {r['nprobe']}" if r["kind"] == "ivf" else
                    f"M {r.get('hnsw_m')}, efSearch {r.get('ef_search')}")

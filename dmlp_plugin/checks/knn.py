@@ -146,7 +146,8 @@ def _sharded(features, k, queries, exclude_self, backend, chunk, dist):
     lo, hi = dist.block(nq)
     if queries is None:  # a self-search: my block of rows against all, each row's own id dropped
         x = np.ascontiguousarray(features, dtype=np.float32)
-        part = _search(x, k, x[lo:hi], exclude_self, backend, chunk, self_ids=np.arange(lo, hi) if exclude_self else None)
+        ids = np.arange(lo, hi) if exclude_self else None
+        part = _search(x, k, x[lo:hi], exclude_self, backend, chunk, self_ids=ids)
     else:
         part = _search(features, k, queries[lo:hi], exclude_self, backend, chunk)
     return _gather(dist, part, nq)
@@ -201,7 +202,8 @@ def _search(features, k, queries, exclude_self, backend, chunk, self_ids=None):
         faiss = _faiss()
         index = faiss.IndexFlatIP(x.shape[1])
         if backend == "faiss-gpu":
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            gpu = torch.cuda.current_device()  # cuda:N: resolve_device set it
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu, index)
         index.add(x)
         sims, idx = index.search(q, kk)
     else:
