@@ -86,8 +86,12 @@ same trained purifier: heads alone 0.822; best neighbourhood prior on view 1 (Si
 (raw pixels projected to 64 dims) 0.862 (label votes, k 200, power 4; picked by the score), above the best
 kNN vote of the report (0.853, k 200 on both full views, chosen with the true labels). The full 880-dim
 concatenation reached 0.860 at 4x the search cost.
-Cost: one exact kNN search, O(N^2 d) over d = the searched width (60,000 x 160: ~15 s on 2 cores), one SVD
-per wide view, and ~40 EM runs, O(N C^2) each; memory O(N k) for the neighbour lists.
+Cost: one kNN search over d = the searched width, exact below ``checks.index.threshold`` rows, O(N^2 d)
+(60,000 x 160: ~15 s on 2 cores), an approximate IVF index at or above it (:mod:`dmlp_plugin.checks.index`;
+1,000,000 x 128 at k = 300: recall@10 0.9996; the whole purifier at that size, 10 epochs and the search,
+986 s on 2 cores: benchmarks/results/purify_scale.md), one SVD per wide view, and ~40 EM runs,
+O(N C^2) each; memory O(N k) for the neighbour lists (the IVF index adds its grouped copy of the searched rows,
+N d float32).
 
 Memory beyond the features: O(n_batches * d^2 + N * C) (label matrices, Adam moments, Cholesky factors);
 per-batch temporaries are O(B * d) for the gathered rows, O(N_local * k) for the neighbour lists. Under P
@@ -395,11 +399,13 @@ def _search_features(views: list, which: str, sel, proj: list | None = None) -> 
 
 def _neighbour_graph(views: list, cfg: "DMLPConfig", lo: int, hi: int, meta_idx: np.ndarray, device,
                      chunk: int = 65536) -> "_Graph | None":
-    """The k = min(max(neighbour_ks), N - 1) nearest neighbours (cosine, exact: faiss or torch, see
-    :func:`dmlp_plugin.checks.knn.search`) of this process's rows [lo, hi) and of the trusted rows among all N
-    rows of ``cfg.neighbour_view``. Sharded: each process searches for its own rows only, reading the database
-    in blocks of ``chunk`` rows (memory O(chunk * d + (N_local + M) * k)); a row's list does not depend on
-    which process searches it. None when no k > 0 is asked for."""
+    """The k = min(max(neighbour_ks), N - 1) nearest neighbours (cosine) of this process's rows [lo, hi) and of
+    the trusted rows among all N rows of ``cfg.neighbour_view``. Exact (faiss or torch, see
+    :func:`dmlp_plugin.checks.knn.search`) below ``checks.index.threshold`` rows: each process searches for its
+    own rows only, reading the database in blocks of ``chunk`` rows (memory O(chunk * d + (N_local + M) * k)).
+    Approximate at or above it (:func:`_approximate_graph`): the whole graph, sharded by cells, every process
+    holding all N lists (O(N k)). Either way a row's list does not depend on the process count. None when no
+    k > 0 is asked for."""
     from dmlp_plugin.checks import knn  # noqa: PLC0415 - faiss import on use
 
     t0 = time.perf_counter()
