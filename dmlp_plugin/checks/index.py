@@ -182,9 +182,14 @@ class CellIndex:
     def search(self, queries: np.ndarray, k: int, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest rows of each query vector (queries (Q, d)), best first."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        cells = np.concatenate([np.argmax(q[a:a + block] @ self.centroids.T, axis=1)
-                                for a in range(0, q.shape[0], block)]) if q.shape[0] else np.zeros(0, np.int64)
-        return self._grouped(cells, lambda sel: self._t(q[sel]), None, k)
+        return self._grouped(self.cells_of(q, block), lambda sel: self._t(q[sel]), None, k)
+
+    def cells_of(self, q: np.ndarray, block: int = 65536) -> np.ndarray:
+        """The cell each query vector is filed under (its nearest centroid), in fixed blocks of rows."""
+        if not q.shape[0]:
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.argmax(q[a:a + block] @ self.centroids.T, axis=1)
+                               for a in range(0, q.shape[0], block)])
 
     def share(self, k: int, rank: int = 0, world: int = 1, queries: np.ndarray | None = None,
               block: int = 65536, out=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -203,8 +208,7 @@ class CellIndex:
             sims, ids = self._grouped(cells, lambda sel: self.xs[self._t(qpos[sel])], qpos, k)
             return self.order[qpos], sims, ids
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        cells = np.concatenate([np.argmax(q[a:a + block] @ self.centroids.T, axis=1)
-                                for a in range(0, q.shape[0], block)]) if q.shape[0] else np.zeros(0, np.int64)
+        cells = self.cells_of(q, block)
         picked = np.flatnonzero(cells % world == rank)
         sims, ids = self._grouped(cells[picked], lambda sel: self._t(q[picked[sel]]), None, k)
         return picked, sims, ids
@@ -370,16 +374,19 @@ def build(rows: Rows, n: int, d: int, kind: str, settings: IndexSettings | None 
     if s.recall_sample:
         def approx(qid, k):
             got_s, got_i = out.search(rows(qid), k + 1)
-            return _drop_own(got_s, got_i, qid, k)
+            s_, i_ = drop_ids(got_s, got_i, np.asarray(qid)[:, None])
+            return s_[:, :k], i_[:, :k]
 
         record.update(_recall(approx, rows, n, s.recall_sample, s.recall_k, block))
     _RECORDS.append(record)
     return out
 
 
-def _drop_own(sims, idx, qid, k):
-    keep = idx != np.asarray(qid)[:, None]
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+def drop_ids(sims, idx, ids):
+    """Remove each row's own id (``ids`` (Q, 1)) wherever it appears (ties may put a duplicate first); a row
+    without it loses its last column. Returns (Q, K - 1) lists."""
+    keep = idx != ids
+    order = np.argsort(~keep, axis=1, kind="stable")[:, : idx.shape[1] - 1]
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 

@@ -16,6 +16,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from dmlp_plugin.checks import index as ix
 from dmlp_plugin.errors import UserError
 
 
@@ -53,8 +54,6 @@ def _digest(x: np.ndarray) -> str:
 
 def clear_caches() -> None:
     """Forget the neighbour lists and the approximate indexes kept for reuse in this process."""
-    from dmlp_plugin.checks import index as ix  # noqa: PLC0415
-
     _SEARCH_CACHE.clear()
     ix.clear_cache()
 
@@ -104,8 +103,6 @@ def search(features, k: int, queries: np.ndarray | None = None, exclude_self: bo
     same features and queries), each process searches its block of the queries and the lists are gathered,
     so every process returns what one process would; ``shard=False`` when each process passes its own queries.
     """
-    from dmlp_plugin.checks import index as ix  # noqa: PLC0415
-
     backend = backend_name() if backend == "auto" else backend
     n = int(features.shape[0])
     kind = ix.plan(n)
@@ -154,8 +151,6 @@ def _sharded(features, k, queries, exclude_self, backend, chunk, dist):
 
 
 def _approx_search(features, k, queries, exclude_self, backend, kind, dist):
-    from dmlp_plugin.checks import index as ix  # noqa: PLC0415
-
     n, d = int(features.shape[0]), int(features.shape[1])
 
     def rows(sel):
@@ -175,20 +170,12 @@ def _approx_search(features, k, queries, exclude_self, backend, kind, dist):
         q = rows(slice(a, b)) if queries is None else np.asarray(queries[a:b], dtype=np.float32)
         s, i = built.search(q, min(k + int(drop_self), n))
         if drop_self:
-            s, i = drop_ids(s, i, np.arange(a, b)[:, None])
+            s, i = ix.drop_ids(s, i, np.arange(a, b)[:, None])
         out_s.append(s[:, :k])
         out_i.append(i[:, :k])
     part = (np.concatenate(out_s) if out_s else np.zeros((0, k), np.float32),
             np.concatenate(out_i) if out_i else np.zeros((0, k), np.int64))
     return _gather(dist, part, nq)
-
-
-def drop_ids(sims, idx, ids):
-    """Remove each row's own id (``ids`` (Q, 1)) wherever it appears (ties may put a duplicate first); a row
-    without it loses its last column. Returns (Q, K - 1) lists."""
-    keep = idx != ids
-    order = np.argsort(~keep, axis=1, kind="stable")[:, : idx.shape[1] - 1]
-    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
 def _search(features, k, queries, exclude_self, backend, chunk, self_ids=None):
@@ -218,7 +205,7 @@ def _search(features, k, queries, exclude_self, backend, chunk, self_ids=None):
     idx = idx.astype(np.int64)
     if drop_self:
         ids = np.arange(q.shape[0]) if self_ids is None else np.asarray(self_ids)
-        sims, idx = drop_ids(sims, idx, ids[:, None])
+        sims, idx = ix.drop_ids(sims, idx, ids[:, None])
     return sims[:, :k].astype(np.float32), idx[:, :k]
 
 

@@ -472,7 +472,7 @@ def _approximate_graph(views: list, which: str, proj: list, qid: np.ndarray, k: 
     for a in range(0, qid.size, chunk):
         ids = qid[a:a + chunk]
         s, i = built.search(rows(ids), min(k + 1, n))
-        s, i = knn.drop_ids(s, i, ids[:, None])
+        s, i = index.drop_ids(s, i, ids[:, None])
         out_s.append(s[:, :k])
         out_i.append(i[:, :k])
     s, i = np.concatenate(out_s), np.concatenate(out_i)
